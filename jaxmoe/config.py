@@ -1,0 +1,188 @@
+"""Model configurations: frozen dataclasses and named presets.
+
+A config is data: the model is built from it, checkpoints carry it (as Hugging Face `config.json`, see
+`jaxmoe.io.hf`), and the command line prints it. Sizes follow ../shared/docs/phi_models.md §1.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ["LongRoPE", "ModelConfig", "PRESETS", "get_preset"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LongRoPE:
+    """LongRoPE frequency rescaling (Phi-3.5 / Phi-4): per-frequency factors, switched by sequence length.
+
+    A forward pass whose largest position id + 1 exceeds `original_max_position_embeddings` uses
+    `long_factor`, otherwise `short_factor`. cos and sin are both multiplied by `attention_factor`.
+    """
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    attention_factor: float
+
+    @classmethod
+    def from_lengths(
+        cls,
+        short_factor,
+        long_factor,
+        *,
+        max_position_embeddings: int,
+        original_max_position_embeddings: int,
+        factor: float | None = None,
+        attention_factor: float | None = None,
+    ) -> "LongRoPE":
+        """The attention factor as transformers derives it: sqrt(1 + ln(f) / ln(L_orig)) for f > 1, else 1."""
+        if factor is None:
+            factor = max_position_embeddings / original_max_position_embeddings
+        if attention_factor is None:
+            attention_factor = (
+                math.sqrt(1.0 + math.log(factor) / math.log(original_max_position_embeddings)) if factor > 1.0 else 1.0
+            )
+        return cls(
+            short_factor=tuple(float(x) for x in short_factor),
+            long_factor=tuple(float(x) for x in long_factor),
+            original_max_position_embeddings=int(original_max_position_embeddings),
+            attention_factor=float(attention_factor),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of a Phi-3 style dense decoder (`model_type: phi3`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    longrope: LongRoPE | None = None
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"invalid ModelConfig: {what}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name}={value!r}; expected a positive integer")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
+             "grouped-query attention needs whole groups")
+        need(0.0 < self.partial_rotary_factor <= 1.0,
+             f"partial_rotary_factor={self.partial_rotary_factor}; expected a value in (0, 1]")
+        need(self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+             f"rotary_dim={self.rotary_dim} (head_dim {self.head_dim} x partial_rotary_factor "
+             f"{self.partial_rotary_factor}); expected a positive even number")
+        if self.longrope is not None:
+            half = self.rotary_dim // 2
+            for name in ("short_factor", "long_factor"):
+                factors = getattr(self.longrope, name)
+                need(len(factors) == half,
+                     f"LongRoPE {name} has {len(factors)} entries; expected rotary_dim // 2 = {half}")
+        need(self.sliding_window is None or self.sliding_window > 0,
+             f"sliding_window={self.sliding_window}; expected a positive integer or None")
+        for token_id in (self.bos_token_id, self.pad_token_id, *self.eos_token_id):
+            need(token_id is None or 0 <= token_id < self.vocab_size,
+                 f"special token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates: int(head_dim * partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Factor lists as published in the models' config.json files.
+_PHI4_MINI_LONG = (
+    1.0, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
+    2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845, 5.351743533,
+    5.984965424, 6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651,
+    14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884, 32.03,
+    32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77,
+)
+_PHI35_MINI_LONG = (
+    1.0800000429153442, 1.1100000143051147, 1.1399999856948853, 1.340000033378601, 1.5899999141693115,
+    1.600000023841858, 1.6200000047683716, 2.620000123977661, 3.2300000190734863, 3.2300000190734863,
+    4.789999961853027, 7.400000095367432, 7.700000286102295, 9.09000015258789, 12.199999809265137,
+    17.670000076293945, 24.46000099182129, 28.57000160217285, 30.420001983642578, 30.840002059936523,
+    32.590003967285156, 32.93000411987305, 42.320003509521484, 44.96000289916992, 50.340003967285156,
+    50.45000457763672, 57.55000305175781, 57.93000411987305, 58.21000289916992, 60.1400032043457,
+    62.61000442504883, 62.62000274658203, 62.71000289916992, 63.1400032043457, 63.1400032043457,
+    63.77000427246094, 63.93000411987305, 63.96000289916992, 63.970001220703125, 64.02999877929688,
+    64.06999969482422, 64.08000183105469, 64.12000274658203, 64.41000366210938, 64.4800033569336,
+    64.51000213623047, 64.52999877929688, 64.83999633789062,
+)
+_PHI35_MINI_SHORT = (
+    1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, *(1.0499999523162842,) * 5,
+    1.0699999332427979, 1.0999999046325684, 1.1099998950958252, 1.1599998474121094, 1.1599998474121094,
+    1.1699998378753662, 1.2899998426437378, 1.339999794960022, 1.679999828338623, 1.7899998426437378,
+    1.8199998140335083, 1.8499997854232788, 1.8799997568130493, 1.9099997282028198, 1.9399996995925903,
+    1.9899996519088745, *(2.0199997425079346,) * 6, *(2.0299997329711914,) * 9, 2.0799996852874756,
+    2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
+    2.749999523162842, 2.8399994373321533,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "phi4-mini": ModelConfig(
+        vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=24, num_kv_heads=8,
+        head_dim=128, partial_rotary_factor=0.75,
+        longrope=LongRoPE.from_lengths((1.0,) * 48, _PHI4_MINI_LONG, max_position_embeddings=131072,
+                                       original_max_position_embeddings=4096),
+        max_position_embeddings=131072, sliding_window=262144, tie_word_embeddings=True,
+        bos_token_id=199999, eos_token_id=(199999, 200020), pad_token_id=199999,
+    ),
+    "phi3.5-mini": ModelConfig(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=32, num_kv_heads=32,
+        head_dim=96,
+        longrope=LongRoPE.from_lengths(_PHI35_MINI_SHORT, _PHI35_MINI_LONG, max_position_embeddings=131072,
+                                       original_max_position_embeddings=4096),
+        max_position_embeddings=131072, sliding_window=262144, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=(32000, 32001, 32007), pad_token_id=32000,
+    ),
+    # Tiny shapes for tests and demos: same structure (GQA, partial rotary, LongRoPE, tying) as phi4-mini.
+    "tiny": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, partial_rotary_factor=0.75,
+        longrope=LongRoPE.from_lengths(
+            tuple(1.0 + 0.1 * i for i in range(6)), tuple(1.5 + 2.0 * i for i in range(6)),
+            max_position_embeddings=256, original_max_position_embeddings=32),
+        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
+    ),
+    "tiny-untied": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=1,
+        head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Returns the named preset; raises KeyError naming the known presets for an unknown name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

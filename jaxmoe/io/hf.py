@@ -1,0 +1,286 @@
+"""Hugging Face checkpoint folders <-> jaxmoe models (safetensors only; pickle files are never read).
+
+`load_hf` streams one tensor at a time from (single or sharded) safetensors straight into the target dtype, so
+peak host memory stays near one copy of the model. `save_hf` writes a folder that transformers'
+`from_pretrained` loads, atomically: into a temporary sibling folder first, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from jaxmoe.config import LongRoPE, ModelConfig
+from jaxmoe.models.phi3 import Phi3ForCausalLM
+
+__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "load_hf", "save_hf"]
+
+SUPPORTED_MODEL_TYPES = ("phi3",)
+_DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as the model its config describes."""
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+
+def _rope_dict(hf: dict) -> dict:
+    """The rope settings, from either transformers v5 `rope_parameters` or legacy top-level keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    merged.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    merged.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if "original_max_position_embeddings" in hf:
+        merged.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+    merged["rope_type"] = merged.get("rope_type", merged.get("type", "default"))
+    return merged
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig from a `model_type: phi3` config.json dict."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"unknown model_type {model_type!r} in config.json; jaxmoe reads {', '.join(SUPPORTED_MODEL_TYPES)}")
+    rope = _rope_dict(hf)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    max_pos = hf.get("max_position_embeddings", 4096)
+    longrope = None
+    if rope["rope_type"] in ("longrope", "su", "yarn"):
+        longrope = LongRoPE.from_lengths(
+            rope["short_factor"], rope["long_factor"], max_position_embeddings=max_pos,
+            original_max_position_embeddings=rope.get("original_max_position_embeddings", max_pos),
+            factor=rope.get("factor"), attention_factor=rope.get("attention_factor"))
+    elif rope["rope_type"] != "default":
+        raise CheckpointError(
+            f"unsupported rope type {rope['rope_type']!r} in config.json; expected 'default' or 'longrope'")
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim, rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=float(rope["rope_theta"]),
+        partial_rotary_factor=float(rope["partial_rotary_factor"]), longrope=longrope,
+        max_position_embeddings=max_pos, sliding_window=hf.get("sliding_window"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos, pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def config_to_hf(config: ModelConfig, *, dtype=jnp.float32) -> dict:
+    """A config.json dict that transformers reads back as the same architecture."""
+    c = config
+    hf = {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "partial_rotary_factor": c.partial_rotary_factor,
+        "max_position_embeddings": c.max_position_embeddings, "sliding_window": c.sliding_window,
+        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
+        "eos_token_id": (c.eos_token_id[0] if len(c.eos_token_id) == 1 else list(c.eos_token_id)) or None,
+        "pad_token_id": c.pad_token_id, "attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "torch_dtype": jnp.dtype(dtype).name, "rope_scaling": None,
+    }
+    if c.longrope is not None:
+        lr = c.longrope
+        hf["original_max_position_embeddings"] = lr.original_max_position_embeddings
+        hf["rope_scaling"] = {"type": "longrope", "short_factor": list(lr.short_factor),
+                              "long_factor": list(lr.long_factor)}
+        derived = LongRoPE.from_lengths(lr.short_factor, lr.long_factor,
+                                        max_position_embeddings=c.max_position_embeddings,
+                                        original_max_position_embeddings=lr.original_max_position_embeddings)
+        if not np.isclose(derived.attention_factor, lr.attention_factor, rtol=0, atol=1e-12):
+            hf["rope_scaling"]["attention_factor"] = lr.attention_factor
+    return hf
+
+
+# ------------------------------------------------------------------------------------------------- names
+
+
+def _phi3_names(config: ModelConfig) -> Iterator[tuple[str, tuple, bool]]:
+    """(HF tensor name, our parameter path, transpose?) for every parameter of Phi3ForCausalLM."""
+    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        yield hf + "input_layernorm.weight", (*ours, "input_layernorm", "weight"), False
+        yield hf + "post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), False
+        for proj in ("qkv_proj", "o_proj"):
+            yield hf + f"self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True
+        for proj in ("gate_up_proj", "down_proj"):
+            yield hf + f"mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True
+    yield "model.norm.weight", ("norm", "weight"), False
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head", "kernel"), True
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"no config.json in {str(folder)!r}; expected a Hugging Face checkpoint folder (config.json plus "
+            "model.safetensors or model.safetensors.index.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, framework="flax") as f:
+            return {name: single for name in f.keys()}
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = (f" It has {', '.join(pickled)}: jaxmoe never loads pickle files; convert them to safetensors with "
+            "transformers (`model.save_pretrained(path, safe_serialization=True)`).") if pickled else ""
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}.{hint}")
+
+
+def _load_params(folder: Path, names: list[tuple[str, tuple, bool]], abstract: dict, dtype) -> dict:
+    files = _tensor_files(folder)
+    expected = {name for name, _, _ in names}
+    missing = sorted(expected - set(files))
+    if missing:
+        first = next(n for n in names if n[0] == missing[0])
+        shape = _get(abstract, first[1]).shape
+        raise CheckpointError(
+            f"tensor {missing[0]!r} (expected shape {list(shape[::-1] if first[2] else shape)}) is missing from "
+            f"{str(folder)!r}" + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + "; the checkpoint does not match its config.json")
+    unexpected = sorted(set(files) - expected - {"lm_head.weight"})
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected tensor {unexpected[0]!r} in {str(folder)!r} ({len(unexpected)} in all); the config.json "
+            "describes a model without it (wrong num_hidden_layers or model_type?)")
+    by_file: dict[Path, list] = {}
+    for name, path, transpose in names:
+        by_file.setdefault(files[name], []).append((name, path, transpose))
+    params = jax.tree.map(lambda x: None, abstract)
+    for file, entries in by_file.items():
+        with safe_open(file, framework="flax") as f:
+            for name, path, transpose in entries:
+                want = _get(abstract, path).shape
+                stored = tuple(f.get_slice(name).get_shape())
+                hf_want = tuple(want[::-1]) if transpose else tuple(want)
+                if stored != hf_want:
+                    raise CheckpointError(
+                        f"tensor {name!r} in {file.name} has shape {list(stored)}; the config expects "
+                        f"{list(hf_want)}. The checkpoint does not match its config.json")
+                tensor = f.get_tensor(name).astype(dtype)
+                _set(params, path, tensor.T if transpose else tensor)
+                del tensor
+    return params
+
+
+def load_hf(path, *, dtype=jnp.float32, mesh=None) -> Phi3ForCausalLM:
+    """Reads a Hugging Face checkpoint folder and returns the model in eval mode, parameters in `dtype`."""
+    if mesh is not None:
+        raise ValueError("load_hf(mesh=...): sharded placement is not available yet in this version; "
+                         "call it with mesh=None and shard the returned state with jax.device_put")
+    folder = Path(path)
+    config = config_from_hf(_read_config(folder))
+    abstract_model = nnx.eval_shape(lambda: Phi3ForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract_model)
+    abstract = nnx.to_pure_dict(state)
+    params = _load_params(folder, list(_phi3_names(config)), abstract, dtype)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def _shards(tensors: dict[str, jax.Array], max_bytes: int) -> list[dict[str, jax.Array]]:
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        if current and size + tensor.nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += tensor.nbytes
+    return shards + [current]
+
+
+def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_bytes: int = _DEFAULT_SHARD_BYTES):
+    """Writes config.json and safetensors weights that transformers' `Phi3ForCausalLM.from_pretrained` loads.
+
+    Refuses to replace an existing non-empty folder unless `overwrite=True`; the write is atomic either way.
+    """
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
+                              "or choose another path")
+    config = model.config
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tensors = {}
+    for name, param_path, transpose in _phi3_names(config):
+        value = jnp.asarray(_get(pure, param_path))
+        tensors[name] = value.T if transpose else value
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        with open(tmp / "config.json", "w") as f:
+            json.dump(config_to_hf(config, dtype=dtype), f, indent=2)
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update({name: file for name in shard})
+            total = sum(t.nbytes for t in tensors.values())
+            with open(tmp / "model.safetensors.index.json", "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, backup / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

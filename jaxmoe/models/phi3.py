@@ -1,0 +1,101 @@
+"""The Phi-3 / Phi-3.5-mini / Phi-4-mini dense decoder (`Phi3ForCausalLM`, model_type `phi3`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.models.outputs import CausalLMOutput
+from jaxmoe.nn.attention import Attention, KVCache, causal_mask
+from jaxmoe.nn.mlp import GatedMLP
+from jaxmoe.nn.norms import RMSNorm
+from jaxmoe.nn.rope import rope_cos_sin
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + attn(norm(x)); y = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_btd, cos, sin, *, mask_bts, kv=None, index=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x_btd), cos, sin, mask_bts=mask_bts, kv=kv, index=index)
+        h = x_btd + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class Phi3ForCausalLM(nnx.Module):
+    """Token ids -> logits. `dtype` is the compute dtype (default: the parameters'); `param_dtype` the storage.
+
+    Norm statistics, attention softmax and logits are always fp32.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype or param_dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=self.dtype,
+                                      param_dtype=param_dtype, embedding_init=nnx.initializers.normal(0.02),
+                                      rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+            config.hidden_size, config.vocab_size, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
+            dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt plus generated)."""
+        c = self.config
+        return KVCache.create(num_layers=c.num_layers, batch=batch, max_len=max_len, num_kv_heads=c.num_kv_heads,
+                              head_dim=c.head_dim, dtype=dtype or self.dtype)
+
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: KVCache | None = None
+                 ) -> CausalLMOutput:
+        """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
+
+        attention_mask: optional [b, t] (1 = token, 0 = padding). positions: optional int [b, t]; by default
+        the count of real tokens before each one (so left padding works). With `cache`, this call's tokens go
+        into slots cache.index ... cache.index + t - 1 and attend to everything cached before them.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer array [batch, time]; got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if positions is None:
+            positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+        positions = jnp.where(valid, positions, -1).astype(jnp.int32)
+
+        if cache is None:
+            k_positions = positions
+        else:
+            k_positions = jax.lax.dynamic_update_slice(cache.positions_bs, positions, (0, cache.index))
+        mask = causal_mask(positions, k_positions, self.config.sliding_window)
+        cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
+
+        x = self.embed_tokens(input_ids)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, cos, sin, mask_bts=mask, kv=kv, index=None if cache is None else cache.index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.embedding[...].astype(x.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
+                                preferred_element_type=jnp.float32)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions_bs=k_positions, index=cache.index + t)
+        return CausalLMOutput(logits=logits.astype(jnp.float32), cache=cache)

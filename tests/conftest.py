@@ -1,0 +1,79 @@
+"""Shared test setup: eight fake CPU devices for sharding tests, and tiny random transformers references.
+
+transformers' PyTorch classes are the oracle (built here from tiny random configs, never downloaded).
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Tiny Phi-3 configs that between them cover GQA, partial rotary 0.75 and 1.0, LongRoPE with non-trivial short
+# and long factors (original_max_position_embeddings=16, so a 40-token input takes the long factors), tied and
+# untied embeddings, and a sliding window.
+HF_CONFIGS = {
+    "gqa_partial_longrope_tied": dict(
+        num_attention_heads=6, num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.05, 1.1], "long_factor": [2.0, 5.0, 8.0]}),
+    "mha_full_rotary_untied": dict(
+        num_attention_heads=6, num_key_value_heads=6, partial_rotary_factor=1.0, tie_word_embeddings=False),
+    "gqa_full_longrope_untied": dict(
+        num_attention_heads=6, num_key_value_heads=3, partial_rotary_factor=1.0, tie_word_embeddings=False,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(4)],
+                      "long_factor": [1.5 + 4.0 * i for i in range(4)]}),
+    "gqa_sliding_window": dict(
+        num_attention_heads=6, num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        sliding_window=7),
+}
+
+
+def hf_config(name: str):
+    import transformers
+
+    base = dict(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, attn_implementation="eager")
+    return transformers.Phi3Config(**{**base, **HF_CONFIGS[name]})
+
+
+@functools.cache
+def hf_model(name: str, seed: int = 0):
+    """A transformers Phi3ForCausalLM with random weights large enough to give non-trivial logits."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Phi3ForCausalLM(hf_config(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.3)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """name -> folder with the transformers model saved by `save_pretrained` (cached per session)."""
+    folders = {}
+
+    def get(name: str):
+        if name not in folders:
+            folder = tmp_path_factory.mktemp(f"hf_{name}")
+            hf_model(name).save_pretrained(folder)
+            folders[name] = folder
+        return folders[name]
+
+    return get
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
