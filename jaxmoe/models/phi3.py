@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
@@ -12,6 +13,17 @@ from jaxmoe.nn.attention import Attention, KVCache, causal_mask
 from jaxmoe.nn.mlp import GatedMLP
 from jaxmoe.nn.norms import RMSNorm
 from jaxmoe.nn.rope import rope_cos_sin
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Raises ValueError for ids outside [0, vocab_size) when the ids are concrete (skipped under tracing)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check that the tokenizer "
+                         "matches this model's checkpoint")
 
 
 class DecoderLayer(nnx.Module):
@@ -68,6 +80,7 @@ class Phi3ForCausalLM(nnx.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer array [batch, time]; got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if positions is None:
