@@ -98,6 +98,8 @@ class ModelConfig:
                      f"LongRoPE {name} has {len(factors)} entries; expected rotary_dim // 2 = {half}")
         need(self.sliding_window is None or self.sliding_window > 0,
              f"sliding_window={self.sliding_window}; expected a positive integer or None")
+        need(isinstance(self.eos_token_id, tuple) and all(isinstance(i, int) for i in self.eos_token_id),
+             f"eos_token_id={self.eos_token_id!r}; expected a tuple of ints, e.g. (2,) or ()")
         for token_id in (self.bos_token_id, self.pad_token_id, *self.eos_token_id):
             need(token_id is None or 0 <= token_id < self.vocab_size,
                  f"special token id {token_id} is outside the vocabulary [0, {self.vocab_size})")

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.flax import save_file
 
 from jaxmoe.config import LongRoPE, ModelConfig
+from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 
 __all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "load_hf", "save_hf"]
@@ -56,6 +56,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"unknown model_type {model_type!r} in config.json; jaxmoe reads {', '.join(SUPPORTED_MODEL_TYPES)}")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    absent = [key for key in required if key not in hf]
+    if absent:
+        raise CheckpointError(f"config.json lacks {', '.join(absent)}; a {model_type} config needs "
+                              f"{', '.join(required)}")
     rope = _rope_dict(hf)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -153,7 +158,15 @@ def _read_config(folder: Path) -> dict:
             f"no config.json in {str(folder)!r}; expected a Hugging Face checkpoint folder (config.json plus "
             "model.safetensors or model.safetensors.index.json)")
     with open(path) as f:
-        return json.load(f)
+        hf = json.load(f)
+    # transformers' generate stops on generation_config.json's eos ids (Phi-4-mini lists two there).
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        with open(generation) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            hf["eos_token_id"] = eos
+    return hf
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -162,10 +175,14 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
+        absent = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if absent:
+            raise CheckpointError(f"{index.name} in {str(folder)!r} names shard {absent[0]!r}, which is not in the "
+                                  f"folder ({len(absent)} missing in all); download or copy the complete checkpoint")
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="flax") as f:
+        with SafetensorsFile(single) as f:
             return {name: single for name in f.keys()}
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
     hint = (f" It has {', '.join(pickled)}: jaxmoe never loads pickle files; convert them to safetensors with "
@@ -194,18 +211,21 @@ def _load_params(folder: Path, names: list[tuple[str, tuple, bool]], abstract: d
         by_file.setdefault(files[name], []).append((name, path, transpose))
     params = jax.tree.map(lambda x: None, abstract)
     for file, entries in by_file.items():
-        with safe_open(file, framework="flax") as f:
+        with SafetensorsFile(file) as f:
             for name, path, transpose in entries:
                 want = _get(abstract, path).shape
-                stored = tuple(f.get_slice(name).get_shape())
+                stored = f.shape(name)
                 hf_want = tuple(want[::-1]) if transpose else tuple(want)
                 if stored != hf_want:
                     raise CheckpointError(
                         f"tensor {name!r} in {file.name} has shape {list(stored)}; the config expects "
                         f"{list(hf_want)}. The checkpoint does not match its config.json")
-                tensor = f.get_tensor(name).astype(dtype)
-                _set(params, path, tensor.T if transpose else tensor)
-                del tensor
+                # One host copy per tensor: cast and transpose straight out of the memory map, then hand it to jax.
+                view = f.array(name)
+                host = np.empty(want, dtype)
+                np.copyto(host, view.T if transpose else view, casting="unsafe")
+                _set(params, path, jnp.asarray(host))
+                del view, host
     return params
 
 
