@@ -278,6 +278,9 @@ def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_
     dtype = tensors["model.embed_tokens.weight"].dtype
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; the final folder gets the usual permissions
     try:
         with open(tmp / "config.json", "w") as f:
             json.dump(config_to_hf(config, dtype=dtype), f, indent=2)

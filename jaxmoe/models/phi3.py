@@ -68,13 +68,15 @@ class Phi3ForCausalLM(nnx.Module):
         return KVCache.create(num_layers=c.num_layers, batch=batch, max_len=max_len, num_kv_heads=c.num_kv_heads,
                               head_dim=c.head_dim, dtype=dtype or self.dtype)
 
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: KVCache | None = None
-                 ) -> CausalLMOutput:
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: KVCache | None = None,
+                 logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
 
         attention_mask: optional [b, t] (1 = token, 0 = padding). positions: optional int [b, t]; by default
         the count of real tokens before each one (so left padding works). With `cache`, this call's tokens go
         into slots cache.index ... cache.index + t - 1 and attend to everything cached before them.
+        logits_to_keep > 0 computes logits for the last that many positions only ([b, logits_to_keep, vocab]),
+        as transformers does; generation's prefill needs just the last one.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -102,6 +104,8 @@ class Phi3ForCausalLM(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         if self.lm_head is None:
             logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.embedding[...].astype(x.dtype),

@@ -16,20 +16,22 @@ class KVCache:
     """Keys and values of every layer, preallocated to `max_len` slots.
 
     Slot s of row b holds the token at buffer column s; `positions_bs` is its position id, or -1 for a slot
-    that is empty or padding (never attended to). `index` is the next slot to write.
+    that is empty or padding (never attended to). `index` is the next slot to write. Keys are stored with
+    the slots as the minor axis and values with the head dim as the minor axis: a decode step's two
+    multiply-and-reduce passes then each run along contiguous memory, and nothing transposes the cache.
     """
 
-    k: tuple[jax.Array, ...]  # per layer [b, S, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]  # per layer [b, kv_heads, head_dim, S]
+    v: tuple[jax.Array, ...]  # per layer [b, kv_heads, S, head_dim]
     positions_bs: jax.Array  # int32 [b, S]
     index: jax.Array  # int32 []
 
     @classmethod
     def create(cls, *, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        zeros = lambda: jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)  # noqa: E731
+        zeros = lambda *shape: jnp.zeros((batch, num_kv_heads, *shape), dtype)  # noqa: E731
         return cls(
-            k=tuple(zeros() for _ in range(num_layers)),
-            v=tuple(zeros() for _ in range(num_layers)),
+            k=tuple(zeros(head_dim, max_len) for _ in range(num_layers)),
+            v=tuple(zeros(max_len, head_dim) for _ in range(num_layers)),
             positions_bs=jnp.full((batch, max_len), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -52,15 +54,28 @@ def causal_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array, sliding_wi
     return mask
 
 
-def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
-    """Softmax(q k^T / sqrt(h)) v with grouped KV heads; scores and softmax in fp32. Returns [b, t, n, h]."""
+def dot_product_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jax.Array:
+    """Softmax(q k^T / sqrt(h)) v with grouped KV heads; scores and softmax in fp32. Returns [b, t, n, h].
+
+    Keys come as [b, kv, h, s] and values as [b, kv, s, h] (the KV cache layouts).
+    """
     b, t, n, h = q_btnh.shape
-    kv = k_bskh.shape[2]
+    kv = k_bkhs.shape[1]
     q = q_btnh.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    if t == 1:
+        # One query per row (a decode step): multiply-and-reduce over the cache, vectorised along its minor axis.
+        q = q[:, 0, :, :, :, None].astype(jnp.float32)  # [b, kv, g, h, 1]
+        scores = jnp.sum(q * k_bkhs[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None, :]  # [b, kv, g, 1, s]
+    else:
+        # fp32 operands: XLA:CPU has no bf16 x bf16 -> f32 batched dot for this layout.
+        scores = jnp.einsum("btkgh,bkhs->bkgts", q.astype(jnp.float32), k_bkhs.astype(jnp.float32))
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores * (h ** -0.5), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if t == 1:
+        weighted = probs[:, :, :, 0, :, None] * v_bksh[:, :, None].astype(jnp.float32)  # [b, kv, g, s, h]
+        out = jnp.sum(weighted, axis=3)[:, None].astype(v_bksh.dtype)  # [b, 1, kv, g, h]
+    else:
+        out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_bksh.dtype), v_bksh)
     return out.reshape(b, t, n, h)
 
 
@@ -79,8 +94,9 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, cos_btr, sin_btr, *, mask_bts, kv=None, index=None):
         """x [b, t, d] -> ([b, t, d], updated (k, v) cache or None).
 
-        Without `kv` the keys are this call's tokens; with `kv = (k [b, S, kv, h], v)` this call's keys and
-        values are written at slot `index` and attention runs over all S slots (`mask_bts` is [b, t, S]).
+        Without `kv` the keys are this call's tokens; with `kv = (k [b, kv, h, S], v [b, kv, S, h])` this
+        call's keys and values are written at slot `index` and attention runs over all S slots (`mask_bts` is
+        [b, t, S]).
         """
         b, t, _ = x_btd.shape
         n, kvh, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -89,10 +105,11 @@ class Attention(nnx.Module):
         k = qkv[..., n * h : (n + kvh) * h].reshape(b, t, kvh, h)
         v = qkv[..., (n + kvh) * h :].reshape(b, t, kvh, h)
         q, k = apply_rope(q, cos_btr, sin_btr), apply_rope(k, cos_btr, sin_btr)
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [b, kv, h, t], [b, kv, t, h]
         if kv is not None:
             k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
             kv = (k, v)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_bts)
         return self.o_proj(out.reshape(b, t, n * h)), kv

@@ -7,6 +7,7 @@ Real-size presets are only ever built abstractly (nnx.eval_shape, torch's meta d
 import copy
 import json
 import math
+import os
 import pickle
 import shutil
 
@@ -310,6 +311,14 @@ def test_missing_shard_is_named(hf_checkpoint, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"names shard '{shard.name}', which is not in the folder"):
         load_hf(folder)
+
+
+def test_saved_folder_has_the_usual_permissions(tmp_path):
+    model = Phi3ForCausalLM(get_preset("tiny"), rngs=nnx.Rngs(0))
+    folder = save_hf(model, tmp_path / "saved")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_generation_config_eos_ids_reach_the_model_config(checkpoint_copy):

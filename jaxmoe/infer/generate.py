@@ -1,0 +1,221 @@
+"""Batched text generation: prefill into a preallocated KV cache, then one jit-compiled decode loop.
+
+The loop follows transformers' `generate` step for step (greedy parity is tested token for token), including
+Phi-3's LongRoPE switch: the first time the sequence reaches `original_max_position_embeddings + 1` tokens,
+the whole buffer is run through the model again so that every cached key uses the long factors.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from jaxmoe.models.phi3 import check_token_ids
+
+__all__ = ["filter_logits", "generate", "greedy_tokens", "sample_logits"]
+
+
+def filter_logits(logits_bv: jax.Array, top_k: int | None = None, top_p=None) -> jax.Array:
+    """float [b, v] -> float32 [b, v] with tokens outside the top-k, then outside the nucleus, set to -inf.
+
+    The nucleus is the smallest set of most probable tokens whose probabilities sum to at least `top_p`
+    (always at least one token); ties at the k-th logit are kept, as in transformers' logits warpers.
+    """
+    logits = logits_bv.astype(jnp.float32)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = (mass_before < top_p).at[..., 0].set(True)
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
+    """argmax over the last axis, int32 [b] (first index among ties).
+
+    Two plain reductions instead of jnp.argmax's (value, index) reduction, which XLA:CPU runs several times
+    slower over a large vocabulary.
+    """
+    vocab = logits_bv.shape[-1]
+    is_max = logits_bv == jnp.max(logits_bv, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature=0.0, top_k: int | None = None,
+                  top_p=None) -> jax.Array:
+    """Next tokens int32 [b] from logits float [b, v].
+
+    A Python `temperature` of 0 is greedy (argmax; `key`, `top_k`, `top_p` unused). Otherwise: logits /
+    temperature, then the top-k filter, then the top-p filter, then a categorical draw with `key`.
+    """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return greedy_tokens(logits_bv)
+    logits = filter_logits(logits_bv.astype(jnp.float32) / temperature, top_k, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# The stream callback lives outside the compiled program, so a new callback object does not recompile it.
+_stream_lock = threading.Lock()
+_stream_target: list[Callable | None] = [None]
+
+
+def _emit(step, tokens_b):
+    _stream_target[0](int(step), np.asarray(tokens_b))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "greedy", "top_k",
+                                             "use_top_p", "stream"))
+def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, *,
+                       max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
+    """The pure decode program. Returns tokens int32 [b, t + max_new_tokens]."""
+    model = nnx.merge(graphdef, state)
+    b, t = ids_bt.shape
+    width = t + max_new_tokens
+    buf_bw = jnp.full((b, width), pad_id, jnp.int32).at[:, :t].set(ids_bt)
+    valid_bw = jnp.ones((b, width), jnp.int32).at[:, :t].set(mask_bt)
+    n_real_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
+
+    def advance(step, logits_bv, cache, buf, done):
+        """Picks token `step` from the last logits, writes it at column t + step, returns the new carry."""
+        new_b = sample_logits(logits_bv, jax.random.fold_in(key, step), 0.0 if greedy else temperature, top_k,
+                              top_p if use_top_p else None)
+        new_b = jnp.where(done, pad_id, new_b)
+        done = done | jnp.any(new_b[:, None] == eos_ids[None, :], axis=-1)
+        buf = jax.lax.dynamic_update_slice(buf, new_b[:, None], (0, t + step))
+        if stream:
+            io_callback(_emit, None, step, new_b, ordered=True)
+        return step + 1, cache, buf, done
+
+    def decode_step(carry):
+        """Runs the newest token (column t + step - 1) through the model with its cache."""
+        step, cache, buf, done = carry
+        token_b1 = jax.lax.dynamic_slice_in_dim(buf, t + step - 1, 1, axis=1)
+        positions_b1 = (n_real_b + step - 1)[:, None]
+        out = model(token_b1, positions=positions_b1, cache=cache, logits_to_keep=1)
+        return advance(step, out.logits[:, -1], out.cache, buf, done)
+
+    def rebuild_step(carry, slot):
+        """Runs the whole buffer up to `slot` again into an emptied cache (transformers' LongRoPE recompute)."""
+        step, cache, buf, done = carry
+        emptied = cache.replace(index=jnp.zeros_like(cache.index))
+        out = model(buf[:, :slot + 1], attention_mask=valid_bw[:, :slot + 1], cache=emptied, logits_to_keep=1)
+        return advance(step, out.logits[:, -1], out.cache, buf, done)
+
+    def decode_until(carry, stop):
+        return jax.lax.while_loop(lambda c: (c[0] < stop) & ~jnp.all(c[3]), decode_step, carry)
+
+    prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1)
+    carry = advance(0, prefill.logits[:, -1], prefill.cache, buf_bw, jnp.zeros((b,), bool))
+    # Decode step s runs column t + s - 1. Like transformers, the step that first runs column
+    # original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead.
+    rope = model.config.longrope
+    if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
+        slot = rope.original_max_position_embeddings
+        step_at = slot - t + 1
+        carry = decode_until(carry, step_at)
+        carry = jax.lax.cond((carry[0] == step_at) & ~jnp.all(carry[3]),
+                             functools.partial(rebuild_step, slot=slot), lambda c: c, carry)
+    carry = decode_until(carry, max_new_tokens)
+    return carry[2]
+
+
+def _checked_mask(attention_mask, shape) -> np.ndarray:
+    """The attention mask as int32 [b, t], or ValueError unless it is 0/1, left-padded, with a token per row."""
+    mask = np.asarray(attention_mask)
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has shape {shape}; expected the "
+                         "same shape")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"attention_mask holds values {sorted(set(np.unique(mask).tolist()) - {0, 1})[:5]}; "
+                         "expected 1 for tokens and 0 for padding")
+    mask = mask.astype(np.int32)
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"attention_mask row {int(empty[0])} has no tokens (all zeros); every prompt needs at "
+                         "least one")
+    right_padded = np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1))
+    if right_padded.size:
+        raise ValueError(f"attention_mask row {int(right_padded[0])} has padding after a token; generation "
+                         "expects LEFT-padded prompts (padding first, then the tokens)")
+    return mask
+
+
+def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None, rngs: nnx.Rngs | None = None,
+             attention_mask=None, pad_token_id: int | None = None, max_length: int | None = None,
+             stream_callback: Callable[[int, np.ndarray], None] | None = None) -> jax.Array:
+    """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b, t + max_new_tokens].
+
+    Prompts of different lengths are left-padded: `attention_mask` int/bool [b, t] (1 = token, 0 = padding)
+    and `pad_token_id` (default: the model config's, else 0). The result is the prompt followed by the new
+    tokens; after a row emits an id in `eos_token_id` (an int or a sequence, default the config's, `()` for
+    none) its later columns hold the pad id, and the loop stops early once every row is done.
+    `temperature=0.0` is greedy; otherwise tokens are drawn from softmax(logits / temperature) after the
+    `top_k` and `top_p` filters, with keys from `rngs` (default nnx.Rngs(0)). `max_length` sets the cache
+    size (default t + max_new_tokens). `stream_callback(step, tokens int32 [b])` is called for every
+    generated step, in order, from inside the compiled loop.
+    """
+    config = model.config
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] == 0:
+        raise ValueError(f"input_ids has dtype {ids.dtype} and shape {ids.shape}; expected integer token ids "
+                         "[batch, time] with time >= 1; pass e.g. np.asarray(ids, np.int32)[None] for one prompt")
+    check_token_ids(ids, config.vocab_size)
+    b, t = ids.shape
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 1")
+    width = t + int(max_new_tokens)
+    if max_length is not None and width > max_length:
+        raise ValueError(f"prompt of {t} tokens plus max_new_tokens={max_new_tokens} needs {width} cache slots "
+                         f"but max_length={max_length}; raise max_length or shorten the prompt / max_new_tokens")
+    if width > config.max_position_embeddings:
+        raise ValueError(f"prompt of {t} tokens plus max_new_tokens={max_new_tokens} is {width} tokens, more than "
+                         f"the model's max_position_embeddings={config.max_position_embeddings}; shorten either")
+    if not isinstance(temperature, (int, float, np.floating)) or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r}; expected a finite number >= 0 (0 means greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}; expected an integer >= 1, or None for no top-k filter")
+    if top_p is not None and not (isinstance(top_p, (int, float, np.floating)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r}; expected a number in (0, 1], or None for no nucleus filter")
+    mask = np.ones((b, t), np.int32) if attention_mask is None else _checked_mask(attention_mask, (b, t))
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    if not 0 <= pad_token_id < config.vocab_size:
+        raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary [0, {config.vocab_size})")
+    if eos_token_id is None:
+        eos_token_id = config.eos_token_id
+    eos = np.asarray([eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id), np.int32).reshape(-1)
+    # -1 (never a token) pads the ids to a multiple of 8, so a different number of EOS ids rarely recompiles.
+    eos = np.pad(eos, (0, 8 * max(1, -(-eos.size // 8)) - eos.size), constant_values=-1)
+
+    greedy = temperature == 0
+    key = jax.random.key(0) if greedy else (rngs if rngs is not None else nnx.Rngs(0))()
+    graphdef, state = nnx.split(model)
+    run = functools.partial(
+        _generate_compiled, graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key,
+        jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos),
+        jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
+        cache_len=width if max_length is None else int(max_length), greedy=bool(greedy),
+        top_k=None if top_k is None else int(top_k), use_top_p=top_p is not None, stream=stream_callback is not None)
+    if stream_callback is None:
+        return run()
+    with _stream_lock:
+        _stream_target[0] = stream_callback
+        try:
+            out = jax.block_until_ready(run())
+            jax.effects_barrier()
+        finally:
+            _stream_target[0] = None
+    return out

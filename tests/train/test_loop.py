@@ -1,0 +1,145 @@
+"""The training loop: the loss is masked next-token cross-entropy, AdamW learns, evaluate averages per token."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxmoe
+from jaxmoe.train import Batch, TrainConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
+from jaxmoe.train import next_token_loss as eager_next_token_loss
+
+CONFIG = jaxmoe.get_preset("tiny").replace(vocab_size=64)
+next_token_loss = nnx.jit(eager_next_token_loss)  # compiling once beats dispatching the model op by op
+logits_of = nnx.jit(lambda model, ids: model(ids).logits)
+
+
+def tiny_model(seed=0):
+    return jaxmoe.Phi3ForCausalLM(CONFIG, rngs=nnx.Rngs(seed))
+
+
+def right_padded_batch(rng, lengths, width):
+    """Random tokens, right-padded with id 0; every real token after the first is a target."""
+    ids = rng.integers(3, CONFIG.vocab_size, size=(len(lengths), width))
+    real = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+    ids = np.where(real, ids, 0)
+    return Batch(jnp.asarray(ids, jnp.int32), jnp.asarray(real, jnp.int32), jnp.asarray(real, jnp.int32))
+
+
+def reference_loss(model, batch):
+    """Per-row numpy cross-entropy over each row's unpadded tokens, averaged over all targets."""
+    ids, loss_mask, attn = (np.asarray(x) for x in batch)
+    total, count = 0.0, 0
+    for row, lm, am in zip(ids, loss_mask, attn):
+        real = row[am.astype(bool)]
+        logits = np.asarray(logits_of(model, jnp.asarray(real[None], jnp.int32))[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        targets = lm[am.astype(bool)][1:].astype(bool)
+        nll = -logp[np.arange(len(real) - 1), real[1:]]
+        total += nll[targets].sum()
+        count += targets.sum()
+    return total / count
+
+
+def test_loss_equals_per_row_cross_entropy_without_padding(rng):
+    model = tiny_model()
+    batch = right_padded_batch(rng, [10, 6, 3], 10)
+    loss, stats = next_token_loss(model, batch)
+    assert float(stats["tokens"]) == 9 + 5 + 2
+    np.testing.assert_allclose(float(loss), reference_loss(model, batch), rtol=1e-5)
+
+
+def test_tokens_under_the_mask_do_not_change_the_loss(rng):
+    model = tiny_model()
+    batch = right_padded_batch(rng, [10, 6, 3], 10)
+    loss = float(next_token_loss(model, batch)[0])
+    ids = np.asarray(batch.input_ids).copy()
+    ids[np.asarray(batch.loss_mask) == 0] = rng.integers(3, CONFIG.vocab_size, size=int((ids == 0).sum()))
+    scrambled = float(next_token_loss(model, batch._replace(input_ids=jnp.asarray(ids)))[0])
+    assert scrambled == pytest.approx(loss, abs=1e-6)
+    # ...while changing a single target token does change it.
+    ids[1, 4] = 3 + (ids[1, 4] - 2) % (CONFIG.vocab_size - 3)
+    changed = float(next_token_loss(model, batch._replace(input_ids=jnp.asarray(ids)))[0])
+    assert abs(changed - loss) > 1e-4
+
+
+def test_left_padding_is_ignored(rng):
+    """A left-padded row has the loss of the same row unpadded."""
+    model = tiny_model()
+    row = rng.integers(3, CONFIG.vocab_size, size=7)
+    plain = Batch(jnp.asarray(row[None], jnp.int32), jnp.ones((1, 7), jnp.int32))
+    padded_ids = np.concatenate([rng.integers(3, CONFIG.vocab_size, size=4), row])[None]
+    mask = np.concatenate([np.zeros(4), np.ones(7)])[None].astype(np.int32)
+    padded = Batch(jnp.asarray(padded_ids, jnp.int32), jnp.asarray(mask), jnp.asarray(mask))
+    assert float(next_token_loss(model, padded)[0]) == pytest.approx(float(next_token_loss(model, plain)[0]),
+                                                                      abs=1e-5)
+
+
+def test_thirty_steps_on_a_fixed_batch_cut_the_loss(rng):
+    model = tiny_model()
+    config = TrainConfig(learning_rate=1e-2, warmup_steps=3, total_steps=30)
+    optimizer = make_optimizer(model, config)
+    batch = right_padded_batch(rng, [16, 16, 12, 9], 16)
+    start = float(next_token_loss(model, batch)[0])
+    losses = [float(train_step(model, optimizer, batch)["loss"]) for _ in range(30)]
+    end = float(next_token_loss(model, batch)[0])
+    assert losses[0] == pytest.approx(start, rel=1e-5)  # the metrics report the loss before the update
+    assert start > 0.8 * np.log(CONFIG.vocab_size)
+    assert end < 0.3 * start
+
+
+def test_step_metrics_report_the_scheduled_rate_and_gradient_norm(rng):
+    model = tiny_model()
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=4, total_steps=10, final_lr_fraction=0.1)
+    optimizer = make_optimizer(model, config)
+    batch = right_padded_batch(rng, [8, 5], 8)
+    schedule = learning_rate_schedule(config)
+    for step in range(10):
+        metrics = train_step(model, optimizer, batch)
+        assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(step)), rel=1e-6)
+        assert float(metrics["grad_norm"]) > 0
+    assert float(schedule(4)) == pytest.approx(1e-3)
+    assert float(schedule(10)) == pytest.approx(1e-4)
+
+
+def test_norm_gains_are_not_weight_decayed(rng):
+    """With a zero gradient (no targets) AdamW only decays; norm gains (1-D) stay exactly as they were."""
+    model = tiny_model()
+    optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-1, warmup_steps=0, total_steps=5,
+                                                  weight_decay=0.5))
+    batch = right_padded_batch(rng, [6], 6)._replace(loss_mask=jnp.zeros((1, 6), jnp.int32))
+    norm_before = np.asarray(model.norm.weight[...]).copy()
+    embed_before = np.asarray(model.embed_tokens.embedding[...]).copy()
+    train_step(model, optimizer, batch)
+    train_step(model, optimizer, batch)
+    np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), norm_before)
+    assert np.abs(np.asarray(model.embed_tokens.embedding[...])).sum() < np.abs(embed_before).sum()
+
+
+def test_evaluate_weights_batches_by_their_target_tokens(rng):
+    model = tiny_model()
+    batches = [right_padded_batch(rng, [10, 4], 10), right_padded_batch(rng, [3], 3)]
+    stats = [next_token_loss(model, b)[1] for b in batches]
+    result = evaluate(model, batches)
+    tokens = sum(float(s["tokens"]) for s in stats)
+    assert result["tokens"] == 9 + 3 + 2
+    assert result["loss"] == pytest.approx(sum(float(s["loss_sum"]) for s in stats) / tokens, rel=1e-6)
+    ids = np.asarray(batches[0].input_ids)
+    logits = np.asarray(logits_of(model, batches[0].input_ids))
+    hits0 = (logits[0, :9].argmax(-1) == ids[0, 1:10]).sum() + (logits[1, :3].argmax(-1) == ids[1, 1:4]).sum()
+    logits1 = np.asarray(logits_of(model, batches[1].input_ids))
+    hits1 = (logits1[0, :2].argmax(-1) == np.asarray(batches[1].input_ids)[0, 1:]).sum()
+    assert result["accuracy"] == pytest.approx((hits0 + hits1) / tokens)
+
+
+def test_evaluate_without_targets_is_an_error(rng):
+    batch = right_padded_batch(rng, [4], 4)._replace(loss_mask=jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="no target tokens"):
+        evaluate(tiny_model(), [batch])
+
+
+def test_mismatched_mask_shape_is_named(rng):
+    batch = right_padded_batch(rng, [4, 3], 4)
+    with pytest.raises(ValueError, match="loss_mask has shape"):
+        next_token_loss(tiny_model(), batch._replace(loss_mask=batch.loss_mask[:, :3]))
