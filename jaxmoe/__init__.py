@@ -1,10 +1,13 @@
 """jaxmoe: Phi-family dense and Mixture-of-Experts models in JAX / Flax NNX. Public API: docs/API.md."""
 
-from jaxmoe.config import LongRoPE, ModelConfig, PRESETS, get_preset
+from jaxmoe.config import LongRoPE, ModelConfig, MoEConfig, PRESETS, get_preset
 from jaxmoe.infer.generate import generate
 from jaxmoe.io.hf import CheckpointError, load_hf, save_hf
 from jaxmoe.io.tokenizer import Tokenizer
 from jaxmoe.models.phi3 import Phi3ForCausalLM
+from jaxmoe.models.phimoe import PhimoeForCausalLM
+from jaxmoe.moe.router import sparsemixer
 
-__all__ = ["CheckpointError", "LongRoPE", "ModelConfig", "PRESETS", "Phi3ForCausalLM", "Tokenizer", "generate", "get_preset",
-           "load_hf", "save_hf"]
+__all__ = ["CheckpointError", "LongRoPE", "MoEConfig", "ModelConfig", "PRESETS", "Phi3ForCausalLM",
+           "PhimoeForCausalLM", "Tokenizer", "generate", "get_preset", "load_hf", "save_hf",
+           "sparsemixer"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["LongRoPE", "ModelConfig", "PRESETS", "get_preset"]
+__all__ = ["LongRoPE", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -24,6 +24,7 @@ class LongRoPE:
     long_factor: tuple[float, ...]
     original_max_position_embeddings: int
     attention_factor: float
+    long_attention_factor: float | None = None  # Phi-3.5-MoE's long_mscale; None: the same as attention_factor
 
     @classmethod
     def from_lengths(
@@ -52,8 +53,46 @@ class LongRoPE:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """The sparse feed-forward block of Phi-3.5-MoE / GRIN-MoE (`model_type: phimoe`).
+
+    `router`: "sparsemixer" (GRIN's SparseMixer-v2 top-2) or "topk" (softmax, top-k, renormalised).
+    `capacity_factor` < 0 means dropless (every token reaches its experts); > 0 keeps at most
+    ceil(tokens * top_k / num_experts * capacity_factor) token copies per expert, in token order.
+    """
+
+    num_experts: int
+    top_k: int = 2
+    router: str = "sparsemixer"
+    router_jitter_noise: float = 0.01
+    input_jitter_noise: float = 0.0
+    capacity_factor: float = -1.0
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self):
+        if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
+            raise ValueError(f"invalid MoEConfig: num_experts={self.num_experts!r}; expected an integer >= 1")
+        if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"invalid MoEConfig: top_k={self.top_k!r} with num_experts={self.num_experts}; "
+                             "expected 1 <= top_k <= num_experts")
+        if self.router not in ("sparsemixer", "topk"):
+            raise ValueError(f"invalid MoEConfig: router={self.router!r}; expected 'sparsemixer' or 'topk'")
+        if self.router == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"invalid MoEConfig: the sparsemixer router picks exactly 2 experts, got "
+                             f"top_k={self.top_k}; use router='topk' for other values")
+        if self.capacity_factor == 0:
+            raise ValueError("invalid MoEConfig: capacity_factor=0 would drop every token; use a negative value "
+                             "for dropless routing or a positive one for a capacity")
+        for name in ("router_jitter_noise", "input_jitter_noise", "aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"invalid MoEConfig: {name}={getattr(self, name)}; expected a value >= 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Architecture of a Phi-3 style dense decoder (`model_type: phi3`)."""
+    """Architecture of a Phi-3 family decoder: dense (`model_type: phi3`) or with a sparse MoE feed-forward
+    block (`moe` set, `model_type: phimoe`, which also uses LayerNorm and biases)."""
 
     vocab_size: int
     hidden_size: int
@@ -72,6 +111,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    norm: str = "rms"  # "rms" (Phi3RMSNorm) or "layer" (LayerNorm with bias, PhiMoE)
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+    moe: MoEConfig | None = None
 
     def __post_init__(self):
         def need(ok, what):
@@ -100,6 +143,7 @@ class ModelConfig:
              f"sliding_window={self.sliding_window}; expected a positive integer or None")
         need(isinstance(self.eos_token_id, tuple) and all(isinstance(i, int) for i in self.eos_token_id),
              f"eos_token_id={self.eos_token_id!r}; expected a tuple of ints, e.g. (2,) or ()")
+        need(self.norm in ("rms", "layer"), f"norm={self.norm!r}; expected 'rms' or 'layer'")
         for token_id in (self.bos_token_id, self.pad_token_id, *self.eos_token_id):
             need(token_id is None or 0 <= token_id < self.vocab_size,
                  f"special token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
@@ -108,6 +152,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Channels of each head that RoPE rotates: int(head_dim * partial_rotary_factor)."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face `model_type` this architecture is saved as."""
+        return "phi3" if self.moe is None else "phimoe"
 
     @property
     def num_groups(self) -> int:
@@ -173,6 +222,19 @@ PRESETS: dict[str, ModelConfig] = {
             tuple(1.0 + 0.1 * i for i in range(6)), tuple(1.5 + 2.0 * i for i in range(6)),
             max_position_embeddings=256, original_max_position_embeddings=32),
         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
+    ),
+    # GRIN-MoE (microsoft/GRIN-MoE config.json): Phi-3.5-MoE's architecture with plain RoPE and a 4K context.
+    "grin-moe": ModelConfig(
+        vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_layers=32, num_heads=32, num_kv_heads=8,
+        head_dim=128, max_position_embeddings=4096, sliding_window=2047, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=(32000,), norm="layer", attention_bias=True, lm_head_bias=True,
+        moe=MoEConfig(num_experts=16, top_k=2, router_jitter_noise=0.01, input_jitter_noise=0.01),
+    ),
+    "tiny-moe": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, max_position_embeddings=256, sliding_window=64, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=(2,), pad_token_id=0, norm="layer", attention_bias=True, lm_head_bias=True,
+        moe=MoEConfig(num_experts=4, top_k=2, router_jitter_noise=0.01, input_jitter_noise=0.01),
     ),
     "tiny-untied": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=1,

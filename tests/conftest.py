@@ -59,6 +59,44 @@ def hf_model(name: str, seed: int = 0):
     return model
 
 
+# Tiny PhiMoE configs: GRIN-like (plain RoPE, sliding window) and Phi-3.5-MoE-like (LongRoPE with mscale).
+HF_MOE_CONFIGS = {
+    "grin_like": dict(num_local_experts=4, sliding_window=11, rope_theta=10000.0),
+    "phi35_moe_like": dict(
+        num_local_experts=6, rope_theta=10000.0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(4)],
+                      "long_factor": [1.5 + 3.0 * i for i in range(4)], "short_mscale": 1.243163121016122,
+                      "long_mscale": 1.243163121016122, "original_max_position_embeddings": 32}),
+}
+
+
+def hf_moe_config(name: str):
+    import transformers
+
+    base = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2, attention_bias=True,
+                lm_head_bias=True, router_jitter_noise=0.01, input_jitter_noise=0.01, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    return transformers.PhimoeConfig(**{**base, **HF_MOE_CONFIGS[name]})
+
+
+@functools.cache
+def hf_moe_model(name: str, seed: int = 0):
+    """A transformers PhimoeForCausalLM with random weights (biases too) in eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.PhimoeForCausalLM(hf_moe_config(name)).eval()
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "layernorm" in name_ or name_.startswith("model.norm"):
+                p.uniform_(0.5, 1.5) if name_.endswith("weight") else p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.3)
+    return model
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """name -> folder with the transformers model saved by `save_pretrained` (cached per session)."""
@@ -67,7 +105,7 @@ def hf_checkpoint(tmp_path_factory):
     def get(name: str):
         if name not in folders:
             folder = tmp_path_factory.mktemp(f"hf_{name}")
-            hf_model(name).save_pretrained(folder)
+            (hf_moe_model(name) if name in HF_MOE_CONFIGS else hf_model(name)).save_pretrained(folder)
             folders[name] = folder
         return folders[name]
 

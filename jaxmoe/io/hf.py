@@ -7,12 +7,12 @@ peak host memory stays near one copy of the model. `save_hf` writes a folder tha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +20,15 @@ import numpy as np
 from flax import nnx
 from safetensors.flax import save_file
 
-from jaxmoe.config import LongRoPE, ModelConfig
+from jaxmoe.config import LongRoPE, ModelConfig, MoEConfig
+from jaxmoe.io.names import ParamSpec, param_specs
 from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
+from jaxmoe.models.phimoe import PhimoeForCausalLM
 
 __all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "load_hf", "save_hf"]
 
-SUPPORTED_MODEL_TYPES = ("phi3",)
+SUPPORTED_MODEL_TYPES = ("phi3", "phimoe")
 _DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -42,7 +44,8 @@ def _rope_dict(hf: dict) -> dict:
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
     merged = {**scaling, **params}
-    merged.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    # transformers' own defaults when config.json leaves rope_theta out: PhimoeConfig 1e6, Phi3Config 1e4.
+    merged.setdefault("rope_theta", hf.get("rope_theta", 1e6 if hf.get("model_type") == "phimoe" else 10000.0))
     merged.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if "original_max_position_embeddings" in hf:
         merged.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
@@ -67,15 +70,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
     max_pos = hf.get("max_position_embeddings", 4096)
     longrope = None
     if rope["rope_type"] in ("longrope", "su", "yarn"):
+        # PhiMoE scales cos/sin by fixed short/long "mscale"s instead of the derived attention factor.
         longrope = LongRoPE.from_lengths(
             rope["short_factor"], rope["long_factor"], max_position_embeddings=max_pos,
             original_max_position_embeddings=rope.get("original_max_position_embeddings", max_pos),
-            factor=rope.get("factor"), attention_factor=rope.get("attention_factor"))
+            factor=rope.get("factor"), attention_factor=rope.get("short_mscale", rope.get("attention_factor")))
+        if rope.get("long_mscale") not in (None, longrope.attention_factor):
+            longrope = dataclasses.replace(longrope, long_attention_factor=float(rope["long_mscale"]))
     elif rope["rope_type"] != "default":
         raise CheckpointError(
             f"unsupported rope type {rope['rope_type']!r} in config.json; expected 'default' or 'longrope'")
     eos = hf.get("eos_token_id")
     eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    moe = None
+    if model_type == "phimoe":
+        if "num_local_experts" not in hf:
+            raise CheckpointError("config.json of a phimoe model lacks num_local_experts")
+        moe = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok", 2),
+                        router_jitter_noise=hf.get("router_jitter_noise", 0.01),
+                        input_jitter_noise=hf.get("input_jitter_noise", 0.0),
+                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.0))
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -83,13 +97,35 @@ def config_from_hf(hf: dict) -> ModelConfig:
         partial_rotary_factor=float(rope["partial_rotary_factor"]), longrope=longrope,
         max_position_embeddings=max_pos, sliding_window=hf.get("sliding_window"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos, pad_token_id=hf.get("pad_token_id"),
+        eos_token_id=eos, pad_token_id=hf.get("pad_token_id"), norm="layer" if moe else "rms",
+        attention_bias=bool(hf.get("attention_bias", False)) if moe else False,
+        lm_head_bias=bool(hf.get("lm_head_bias", False)) if moe else False, moe=moe,
     )
 
 
+def _check_representable(c: ModelConfig) -> None:
+    """transformers has no class for some jaxmoe configurations; saving them as phi3/phimoe would change outputs."""
+    if c.moe is None:
+        problems = [f"{name}={getattr(c, name)!r}" for name, ok in
+                    (("norm", c.norm == "rms"), ("attention_bias", not c.attention_bias),
+                     ("lm_head_bias", not c.lm_head_bias)) if not ok]
+        target = "Phi3ForCausalLM (RMSNorm, no biases)"
+    else:
+        problems = [f"{name}={value!r}" for name, value, ok in
+                    (("norm", c.norm, c.norm == "layer"), ("moe.router", c.moe.router, c.moe.router == "sparsemixer"),
+                     ("moe.capacity_factor", c.moe.capacity_factor, c.moe.capacity_factor < 0),
+                     ("partial_rotary_factor", c.partial_rotary_factor, c.partial_rotary_factor == 1.0),
+                     ("tie_word_embeddings", c.tie_word_embeddings, not c.tie_word_embeddings)) if not ok]
+        target = ("PhimoeForCausalLM (LayerNorm, SparseMixer top-2, dropless, full rotary, untied head)")
+    if problems:
+        raise ValueError(f"this model cannot be saved as a transformers checkpoint: {', '.join(problems)} has no "
+                         f"counterpart in {target}; save it with orbax instead, or change the config")
+
+
 def config_to_hf(config: ModelConfig, *, dtype=jnp.float32) -> dict:
-    """A config.json dict that transformers reads back as the same architecture."""
+    """A config.json dict that transformers reads back as the same architecture (phi3 or phimoe)."""
     c = config
+    _check_representable(c)
     hf = {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -110,28 +146,22 @@ def config_to_hf(config: ModelConfig, *, dtype=jnp.float32) -> dict:
         derived = LongRoPE.from_lengths(lr.short_factor, lr.long_factor,
                                         max_position_embeddings=c.max_position_embeddings,
                                         original_max_position_embeddings=lr.original_max_position_embeddings)
-        if not np.isclose(derived.attention_factor, lr.attention_factor, rtol=0, atol=1e-12):
+        if c.moe is not None:
+            long_scale = lr.attention_factor if lr.long_attention_factor is None else lr.long_attention_factor
+            hf["rope_scaling"].update(short_mscale=lr.attention_factor, long_mscale=long_scale,
+                                      original_max_position_embeddings=lr.original_max_position_embeddings)
+        elif not np.isclose(derived.attention_factor, lr.attention_factor, rtol=0, atol=1e-12):
             hf["rope_scaling"]["attention_factor"] = lr.attention_factor
+    if c.moe is not None:
+        del hf["partial_rotary_factor"], hf["resid_pdrop"], hf["embd_pdrop"]
+        hf.update(architectures=["PhimoeForCausalLM"], model_type="phimoe", num_local_experts=c.moe.num_experts,
+                  num_experts_per_tok=c.moe.top_k, router_jitter_noise=c.moe.router_jitter_noise,
+                  input_jitter_noise=c.moe.input_jitter_noise, router_aux_loss_coef=c.moe.aux_loss_coef,
+                  attention_bias=c.attention_bias, lm_head_bias=c.lm_head_bias)
     return hf
 
 
 # ------------------------------------------------------------------------------------------------- names
-
-
-def _phi3_names(config: ModelConfig) -> Iterator[tuple[str, tuple, bool]]:
-    """(HF tensor name, our parameter path, transpose?) for every parameter of Phi3ForCausalLM."""
-    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
-    for i in range(config.num_layers):
-        hf, ours = f"model.layers.{i}.", ("layers", i)
-        yield hf + "input_layernorm.weight", (*ours, "input_layernorm", "weight"), False
-        yield hf + "post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), False
-        for proj in ("qkv_proj", "o_proj"):
-            yield hf + f"self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True
-        for proj in ("gate_up_proj", "down_proj"):
-            yield hf + f"mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True
-    yield "model.norm.weight", ("norm", "weight"), False
-    if not config.tie_word_embeddings:
-        yield "lm_head.weight", ("lm_head", "kernel"), True
 
 
 def _get(tree: dict, path: tuple):
@@ -190,42 +220,54 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}.{hint}")
 
 
-def _load_params(folder: Path, names: list[tuple[str, tuple, bool]], abstract: dict, dtype) -> dict:
+def _piece_shape(region: tuple, param_shape: tuple, transpose: bool) -> tuple:
+    shape = np.broadcast_to(np.empty((), np.bool_), param_shape)[region].shape  # zero-stride view, no buffer
+    return tuple(shape[::-1]) if transpose else tuple(shape)
+
+
+def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype) -> dict:
     files = _tensor_files(folder)
-    expected = {name for name, _, _ in names}
-    missing = sorted(expected - set(files))
+    pieces = {piece.name: (spec, piece) for spec in specs for piece in spec.pieces}
+    missing = sorted(set(pieces) - set(files))
     if missing:
-        first = next(n for n in names if n[0] == missing[0])
-        shape = _get(abstract, first[1]).shape
+        spec, piece = pieces[missing[0]]
+        shape = _piece_shape(piece.region, _get(abstract, spec.path).shape, piece.transpose)
         raise CheckpointError(
-            f"tensor {missing[0]!r} (expected shape {list(shape[::-1] if first[2] else shape)}) is missing from "
-            f"{str(folder)!r}" + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+            f"tensor {missing[0]!r} (expected shape {list(shape)}) is missing from {str(folder)!r}"
+            + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
             + "; the checkpoint does not match its config.json")
-    unexpected = sorted(set(files) - expected - {"lm_head.weight"})
+    unexpected = sorted(set(files) - set(pieces) - {"lm_head.weight"})
     if unexpected:
         raise CheckpointError(
             f"unexpected tensor {unexpected[0]!r} in {str(folder)!r} ({len(unexpected)} in all); the config.json "
-            "describes a model without it (wrong num_hidden_layers or model_type?)")
-    by_file: dict[Path, list] = {}
-    for name, path, transpose in names:
-        by_file.setdefault(files[name], []).append((name, path, transpose))
+            "describes a model without it (wrong num_hidden_layers, num_local_experts or model_type?)")
     params = jax.tree.map(lambda x: None, abstract)
-    for file, entries in by_file.items():
-        with SafetensorsFile(file) as f:
-            for name, path, transpose in entries:
-                want = _get(abstract, path).shape
-                stored = f.shape(name)
-                hf_want = tuple(want[::-1]) if transpose else tuple(want)
-                if stored != hf_want:
+    opened: dict[Path, SafetensorsFile] = {}
+    try:
+        for spec in specs:
+            want = _get(abstract, spec.path).shape
+            # One host buffer per parameter, filled piece by piece straight out of the memory maps.
+            host = np.empty(want, dtype)
+            for piece in spec.pieces:
+                file = files[piece.name]
+                if file not in opened:
+                    if len(opened) >= 2:  # keep few files mapped: mapped pages count as resident memory
+                        opened.pop(next(iter(opened))).close()
+                    opened[file] = SafetensorsFile(file)
+                f = opened[file]
+                expected = _piece_shape(piece.region, want, piece.transpose)
+                if f.shape(piece.name) != expected:
                     raise CheckpointError(
-                        f"tensor {name!r} in {file.name} has shape {list(stored)}; the config expects "
-                        f"{list(hf_want)}. The checkpoint does not match its config.json")
-                # One host copy per tensor: cast and transpose straight out of the memory map, then hand it to jax.
-                view = f.array(name)
-                host = np.empty(want, dtype)
-                np.copyto(host, view.T if transpose else view, casting="unsafe")
-                _set(params, path, jnp.asarray(host))
-                del view, host
+                        f"tensor {piece.name!r} in {file.name} has shape {list(f.shape(piece.name))}; the config "
+                        f"expects {list(expected)}. The checkpoint does not match its config.json")
+                view = f.array(piece.name)
+                np.copyto(host[piece.region], view.T if piece.transpose else view, casting="unsafe")
+                del view
+            _set(params, spec.path, jnp.asarray(host))
+            del host
+    finally:
+        for f in opened.values():
+            f.close()
     return params
 
 
@@ -236,10 +278,11 @@ def load_hf(path, *, dtype=jnp.float32, mesh=None) -> Phi3ForCausalLM:
                          "call it with mesh=None and shard the returned state with jax.device_put")
     folder = Path(path)
     config = config_from_hf(_read_config(folder))
-    abstract_model = nnx.eval_shape(lambda: Phi3ForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    model_class = Phi3ForCausalLM if config.moe is None else PhimoeForCausalLM
+    abstract_model = nnx.eval_shape(lambda: model_class(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract_model)
     abstract = nnx.to_pure_dict(state)
-    params = _load_params(folder, list(_phi3_names(config)), abstract, dtype)
+    params = _load_params(folder, list(param_specs(config)), abstract, dtype)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -272,9 +315,11 @@ def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_
     config = model.config
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
-    for name, param_path, transpose in _phi3_names(config):
-        value = jnp.asarray(_get(pure, param_path))
-        tensors[name] = value.T if transpose else value
+    for spec in param_specs(config):
+        value = jnp.asarray(_get(pure, spec.path))
+        for piece in spec.pieces:
+            part = value[piece.region]
+            tensors[piece.name] = part.T if piece.transpose else part
     dtype = tensors["model.embed_tokens.weight"].dtype
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

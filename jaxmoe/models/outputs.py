@@ -10,7 +10,15 @@ from jaxmoe.nn.attention import KVCache
 
 @struct.dataclass
 class CausalLMOutput:
-    """`logits` float32 [b, t, vocab]; `cache` the updated KV cache when one was passed in."""
+    """`logits` float32 [b, t, vocab]; `cache` the updated KV cache when one was passed in.
+
+    MoE models also return `aux_loss` (the load-balancing loss over all layers' routing, unscaled, as
+    transformers' `aux_loss`), `router_z_loss` (mean squared log-sum-exp of the router logits) and
+    `expert_load` float32 [layers, experts] (the fraction of token copies each expert received).
+    """
 
     logits: jax.Array
     cache: KVCache | None = None
+    aux_loss: jax.Array | None = None
+    router_z_loss: jax.Array | None = None
+    expert_load: jax.Array | None = None

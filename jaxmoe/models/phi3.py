@@ -11,7 +11,9 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.models.outputs import CausalLMOutput
 from jaxmoe.nn.attention import Attention, KVCache, causal_mask
 from jaxmoe.nn.mlp import GatedMLP
-from jaxmoe.nn.norms import RMSNorm
+from jaxmoe.moe.layer import SparseMoeBlock
+from jaxmoe.moe.router import expert_load, load_balancing_loss, router_z_loss
+from jaxmoe.nn.norms import make_norm
 from jaxmoe.nn.rope import rope_cos_sin
 
 
@@ -26,21 +28,47 @@ def check_token_ids(input_ids, vocab_size: int) -> None:
                          "matches this model's checkpoint")
 
 
+def routing_losses(routings, valid_bt, moe) -> dict:
+    """aux_loss over all layers' tokens pooled (transformers' value in eval mode, where SparseMixer's picks are the
+    softmax top-2), router_z_loss, and expert_load [layers, experts]. The experts counted are the ones actually
+    routed to, so in training mode the loss balances SparseMixer's samples."""
+    token_mask = valid_bt.reshape(-1)
+    logits_lte = jnp.stack([r.router_logits for r in routings])
+    experts_ltk = jnp.stack([r.experts for r in routings])
+    layers_mask = jnp.broadcast_to(token_mask, logits_lte.shape[:2])
+    return {
+        "aux_loss": load_balancing_loss(logits_lte, experts_ltk, num_experts=moe.num_experts, token_mask=layers_mask),
+        "router_z_loss": router_z_loss(logits_lte, token_mask=layers_mask),
+        "expert_load": jnp.stack([expert_load(r.experts, moe.num_experts, token_mask=token_mask) for r in routings]),
+    }
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: h = x + attn(norm(x)); y = h + mlp(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)); y = h + ffn(norm(h)), the ffn a SwiGLU MLP or a sparse MoE block."""
 
     def __init__(self, config: ModelConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = make_norm(c.norm, c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype,
+                                         rngs=rngs)
         self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   use_bias=c.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = make_norm(c.norm, c.hidden_size, eps=c.rms_norm_eps,
+                                                  param_dtype=param_dtype, rngs=rngs)
+        if c.moe is None:
+            self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = SparseMoeBlock(c.hidden_size, c.intermediate_size, c.moe, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, *, mask_bts, kv=None, index=None):
+    def __call__(self, x_btd, cos, sin, *, mask_bts, kv=None, index=None, rngs=None):
+        """Returns (y [b, t, d], updated kv or None, the MoE block's Routing or None)."""
         attn_out, kv = self.self_attn(self.input_layernorm(x_btd), cos, sin, mask_bts=mask_bts, kv=kv, index=index)
         h = x_btd + attn_out
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+        normed = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, SparseMoeBlock):
+            out, routing = self.mlp(normed, rngs=rngs)
+            return h + out, kv, routing
+        return h + self.mlp(normed), kv, None
 
 
 class Phi3ForCausalLM(nnx.Module):
@@ -57,10 +85,11 @@ class Phi3ForCausalLM(nnx.Module):
                                       rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = make_norm(config.norm, config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype,
+                              rngs=rngs)
         self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
-            config.hidden_size, config.vocab_size, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
-            dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+            config.hidden_size, config.vocab_size, use_bias=config.lm_head_bias,
+            kernel_init=nnx.initializers.normal(0.02), dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt plus generated)."""
@@ -69,14 +98,15 @@ class Phi3ForCausalLM(nnx.Module):
                               head_dim=c.head_dim, dtype=dtype or self.dtype)
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: KVCache | None = None,
-                 logits_to_keep: int = 0) -> CausalLMOutput:
+                 logits_to_keep: int = 0, rngs: nnx.Rngs | None = None) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
 
         attention_mask: optional [b, t] (1 = token, 0 = padding). positions: optional int [b, t]; by default
         the count of real tokens before each one (so left padding works). With `cache`, this call's tokens go
         into slots cache.index ... cache.index + t - 1 and attend to everything cached before them.
         logits_to_keep > 0 computes logits for the last that many positions only ([b, logits_to_keep, vocab]),
-        as transformers does; generation's prefill needs just the last one.
+        as transformers does; generation's prefill needs just the last one. `rngs` feeds the MoE routers'
+        sampling and jitter in training mode (`model.train()`).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -97,13 +127,16 @@ class Phi3ForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
 
         x = self.embed_tokens(input_ids)
-        new_k, new_v = [], []
+        new_k, new_v, routings = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask_bts=mask, kv=kv, index=None if cache is None else cache.index)
+            x, kv, routing = layer(x, cos, sin, mask_bts=mask, kv=kv, index=None if cache is None else cache.index,
+                                   rngs=rngs)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
+            if routing is not None:
+                routings.append(routing)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
@@ -113,6 +146,11 @@ class Phi3ForCausalLM(nnx.Module):
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
                                 preferred_element_type=jnp.float32)
+            if self.lm_head.bias is not None:
+                logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions_bs=k_positions, index=cache.index + t)
-        return CausalLMOutput(logits=logits.astype(jnp.float32), cache=cache)
+        out = CausalLMOutput(logits=logits.astype(jnp.float32), cache=cache)
+        if routings:
+            out = out.replace(**routing_losses(routings, valid, self.config.moe))
+        return out

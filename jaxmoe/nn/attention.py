@@ -80,15 +80,18 @@ def dot_product_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Phi3Attention: one fused projection to [q | k | v] (each head-major), RoPE on q and k, GQA, `o_proj`."""
+    """Phi3Attention: one fused projection to [q | k | v] (each head-major), RoPE on q and k, GQA, `o_proj`.
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+    PhiMoE's separate q/k/v projections (with biases) load into the same fused layout.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         init = nnx.initializers.normal(0.02)
-        self.qkv_proj = nnx.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, use_bias=False,
+        self.qkv_proj = nnx.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, use_bias=use_bias,
                                    kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.o_proj = nnx.Linear(num_heads * head_dim, hidden_size, use_bias=False,
+        self.o_proj = nnx.Linear(num_heads * head_dim, hidden_size, use_bias=use_bias,
                                  kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_btd, cos_btr, sin_btr, *, mask_bts, kv=None, index=None):

@@ -23,3 +23,12 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def make_norm(kind: str, features: int, *, eps: float, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+    """"rms": RMSNorm (Phi-3 / Phi-4); "layer": LayerNorm with scale and bias (PhiMoE / GRIN)."""
+    if kind == "rms":
+        return RMSNorm(features, eps=eps, param_dtype=param_dtype)
+    if kind == "layer":
+        return nnx.LayerNorm(features, epsilon=eps, param_dtype=param_dtype, rngs=rngs)
+    raise ValueError(f"unknown norm kind {kind!r}; expected 'rms' or 'layer'")

@@ -13,37 +13,42 @@ import numpy as np
 from jaxmoe.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> tuple[np.ndarray, np.ndarray, float]:
-    """Returns (short inv_freq [rotary_dim/2], long inv_freq [rotary_dim/2], cos/sin scale), in fp32.
+def inverse_frequencies(config: ModelConfig) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(short inv_freq, long inv_freq) [rotary_dim/2] in fp32, and the cos/sin scales that go with each.
 
-    Without LongRoPE both frequency sets are the plain RoPE ones and the scale is 1.
+    Without LongRoPE both frequency sets are the plain RoPE ones and both scales are 1.
     """
     dim = config.rotary_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     base = np.float32(config.rope_theta) ** exponent
     if config.longrope is None:
         inv = (np.float32(1.0) / base).astype(np.float32)
-        return inv, inv, 1.0
-    short = np.asarray(config.longrope.short_factor, np.float32)
-    long = np.asarray(config.longrope.long_factor, np.float32)
+        return inv, inv, 1.0, 1.0
+    lr = config.longrope
+    short = np.asarray(lr.short_factor, np.float32)
+    long = np.asarray(lr.long_factor, np.float32)
+    long_scale = lr.attention_factor if lr.long_attention_factor is None else lr.long_attention_factor
     return (
         (np.float32(1.0) / (short * base)).astype(np.float32),
         (np.float32(1.0) / (long * base)).astype(np.float32),
-        config.longrope.attention_factor,
+        lr.attention_factor,
+        long_scale,
     )
 
 
 def rope_cos_sin(config: ModelConfig, positions_bt: jax.Array, valid_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """cos and sin [b, t, rotary_dim] for integer positions, cast to `dtype`.
 
-    LongRoPE picks the long factors for the whole call when the largest valid position + 1 exceeds
-    `original_max_position_embeddings`, exactly as transformers decides per forward pass.
+    LongRoPE picks the long factors (and their scale) for the whole call when the largest valid position + 1
+    exceeds `original_max_position_embeddings`, exactly as transformers decides per forward pass.
     """
-    short, long, scale = inverse_frequencies(config)
-    inv_freq = jnp.asarray(short)
+    short, long, short_scale, long_scale = inverse_frequencies(config)
+    inv_freq, scale = jnp.asarray(short), jnp.float32(short_scale)
     if config.longrope is not None:
         seq_len = jnp.max(jnp.where(valid_bt, positions_bt, -1)) + 1
-        inv_freq = jnp.where(seq_len > config.longrope.original_max_position_embeddings, jnp.asarray(long), inv_freq)
+        use_long = seq_len > config.longrope.original_max_position_embeddings
+        inv_freq = jnp.where(use_long, jnp.asarray(long), inv_freq)
+        scale = jnp.where(use_long, jnp.float32(long_scale), scale)
     freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)

@@ -78,8 +78,11 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def next_token_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy of predicting each target token from the ones before it.
+def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy of predicting each target token from the ones before it, plus, for MoE models, the
+    config's `aux_loss_coef` x load-balancing loss and `z_loss_coef` x router z-loss. `rngs` feeds MoE routing
+    in training mode.
 
     Returns (loss float32 [], {"loss_sum", "tokens", "correct"}: float32 [] sums over the batch's targets).
     """
@@ -91,7 +94,8 @@ def next_token_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[st
                              "expected the same [batch, time]")
     if len(shape) != 2 or shape[1] < 2:
         raise ValueError(f"Batch.input_ids has shape {shape}; expected [batch, time] with time >= 2")
-    logits_btv = model(batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, rngs=rngs)
+    logits_btv = out.logits[:, :-1]
     targets_bt = batch.input_ids[:, 1:]
     weight_bt = batch.loss_mask[:, 1:].astype(jnp.float32)
     if batch.attention_mask is not None:
@@ -102,14 +106,20 @@ def next_token_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[st
     correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt) & (weight_bt > 0)
     stats = {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
              "correct": jnp.sum(correct_bt.astype(jnp.float32))}
-    return stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
+    loss = stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0)
+    if out.aux_loss is not None:
+        moe = model.config.moe
+        loss = loss + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.router_z_loss
+    return loss, stats
 
 
 @nnx.jit
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
+               rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """One AdamW step on `batch`, in place. Returns float32 scalars: loss, grad_norm (before clipping),
-    learning_rate (the rate this step used) and accuracy (next-token, on the batch's targets)."""
-    (loss, stats), grads = nnx.value_and_grad(next_token_loss, has_aux=True)(model, batch)
+    learning_rate (the rate this step used) and accuracy (next-token, on the batch's targets). MoE models in
+    training mode (`model.train()`) need `rngs` for SparseMixer's sampling and the input jitter."""
+    (loss, stats), grads = nnx.value_and_grad(next_token_loss, has_aux=True)(model, batch, rngs)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.global_norm(grads),
             "learning_rate": optimizer.opt_state.hyperparams["learning_rate"][...],

@@ -107,7 +107,8 @@ def test_config_round_trips_through_config_json_and_transformers(name):
     assert config_from_hf(config_to_hf(config)) == config
     assert config_from_hf(json.loads(json.dumps(config_to_hf(config)))) == config
     # transformers rewrites config.json in its own (v5 rope_parameters) format; that must read back too.
-    assert config_from_hf(transformers.Phi3Config(**config_to_hf(config)).to_dict()) == config
+    hf_class = transformers.Phi3Config if config.moe is None else transformers.PhimoeConfig
+    assert config_from_hf(hf_class(**config_to_hf(config)).to_dict()) == config
 
 
 def test_non_default_longrope_attention_factor_reaches_transformers(tmp_path, rng):

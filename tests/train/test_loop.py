@@ -143,3 +143,23 @@ def test_mismatched_mask_shape_is_named(rng):
     batch = right_padded_batch(rng, [4, 3], 4)
     with pytest.raises(ValueError, match="loss_mask has shape"):
         next_token_loss(tiny_model(), batch._replace(loss_mask=batch.loss_mask[:, :3]))
+
+
+def test_moe_model_trains_in_training_mode_with_its_routing_losses(rng):
+    """SparseMixer sampling and input jitter (model.train() + rngs) still learn; the aux losses enter the loss."""
+    config = jaxmoe.get_preset("tiny-moe").replace(
+        vocab_size=64, moe=jaxmoe.MoEConfig(num_experts=4, aux_loss_coef=0.01, z_loss_coef=0.001))
+    model = jaxmoe.PhimoeForCausalLM(config, rngs=nnx.Rngs(0))
+    model.train()
+    batch = Batch(jnp.asarray(rng.integers(3, 64, size=(4, 16)), jnp.int32), jnp.ones((4, 16), jnp.int32))
+    optimizer = make_optimizer(model, TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=30))
+    rngs = nnx.Rngs(router=1, jitter=2)
+    losses = [float(train_step(model, optimizer, batch, rngs)["loss"]) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    out = model(batch.input_ids, rngs=nnx.Rngs(router=5, jitter=6))
+    loss, stats = next_token_loss(model, batch, nnx.Rngs(router=5, jitter=6))  # the same draws
+    ce = stats["loss_sum"] / stats["tokens"]
+    assert float(loss) == pytest.approx(float(ce + 0.01 * out.aux_loss + 0.001 * out.router_z_loss), rel=1e-5)
+    assert float(out.aux_loss) > 0 and float(out.router_z_loss) > 0
+    with pytest.raises(ValueError, match="pass rngs"):
+        train_step(model, optimizer, batch)

@@ -1,0 +1,91 @@
+"""Where each Hugging Face tensor goes in a jaxmoe model, per `model_type`.
+
+A parameter is assembled from one or more `Piece`s: a Hub tensor (stored [out, in] for linear layers, so most are
+transposed) that fills a region of the parameter. Phi-3 maps one tensor to one parameter; PhiMoE concatenates
+q/k/v into the fused `qkv_proj` and stacks each expert's w1|w3 into `w_gate_up` [e, d, 2f] and w2 into
+`w_down` [e, f, d]. Loading fills a host buffer piece by piece; saving slices the parameter the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from jaxmoe.config import ModelConfig
+
+ALL = (slice(None),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    name: str  # the Hugging Face tensor name
+    region: tuple  # index into our parameter (ALL for the whole of it)
+    transpose: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    path: tuple  # the parameter's path in nnx.to_pure_dict(nnx.state(model))
+    pieces: tuple[Piece, ...]
+
+
+def _whole(path: tuple, name: str, transpose: bool = False) -> ParamSpec:
+    return ParamSpec(path, (Piece(name, ALL, transpose),))
+
+
+def _norm(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
+    if config.norm == "rms":
+        yield _whole((*path, "weight"), hf + ".weight")
+    else:
+        yield _whole((*path, "scale"), hf + ".weight")
+        yield _whole((*path, "bias"), hf + ".bias")
+
+
+def _qkv(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
+    """Phi-3's fused qkv_proj, or PhiMoE's separate q/k/v projections concatenated into it."""
+    if config.moe is None:
+        yield _whole((*path, "kernel"), hf + "qkv_proj.weight", transpose=True)
+        return
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    bounds = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+    yield ParamSpec((*path, "kernel"), tuple(Piece(f"{hf}{p}.weight", (slice(None), slice(a, b)), True)
+                                             for p, (a, b) in bounds.items()))
+    if config.attention_bias:
+        yield ParamSpec((*path, "bias"), tuple(Piece(f"{hf}{p}.bias", (slice(a, b),), False)
+                                               for p, (a, b) in bounds.items()))
+
+
+def _linear(path: tuple, hf: str, bias: bool) -> Iterator[ParamSpec]:
+    yield _whole((*path, "kernel"), hf + ".weight", transpose=True)
+    if bias:
+        yield _whole((*path, "bias"), hf + ".bias")
+
+
+def _moe(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
+    f = config.intermediate_size
+    yield _whole((*path, "router", "kernel"), hf + "gate.weight", transpose=True)
+    experts = range(config.moe.num_experts)
+    yield ParamSpec((*path, "w_gate_up"), tuple(
+        piece for e in experts for piece in (
+            Piece(f"{hf}experts.{e}.w1.weight", (e, slice(None), slice(0, f)), True),
+            Piece(f"{hf}experts.{e}.w3.weight", (e, slice(None), slice(f, 2 * f)), True))))
+    yield ParamSpec((*path, "w_down"), tuple(Piece(f"{hf}experts.{e}.w2.weight", (e,), True) for e in experts))
+
+
+def param_specs(config: ModelConfig) -> Iterator[ParamSpec]:
+    """Every parameter of the model `config` builds, with the Hub tensors that make it up."""
+    yield _whole(("embed_tokens", "embedding"), "model.embed_tokens.weight")
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        yield from _norm(config, (*ours, "input_layernorm"), hf + "input_layernorm")
+        yield from _norm(config, (*ours, "post_attention_layernorm"), hf + "post_attention_layernorm")
+        yield from _qkv(config, (*ours, "self_attn", "qkv_proj"), hf + "self_attn.")
+        yield from _linear((*ours, "self_attn", "o_proj"), hf + "self_attn.o_proj", config.attention_bias)
+        if config.moe is None:
+            for proj in ("gate_up_proj", "down_proj"):
+                yield _whole((*ours, "mlp", proj, "kernel"), hf + f"mlp.{proj}.weight", transpose=True)
+        else:
+            yield from _moe(config, (*ours, "mlp"), hf + "block_sparse_moe.")
+    yield from _norm(config, ("norm",), "model.norm")
+    if not config.tie_word_embeddings:
+        yield from _linear(("lm_head",), "lm_head", config.lm_head_bias)

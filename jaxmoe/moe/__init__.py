@@ -1,0 +1,1 @@
+"""Mixture-of-Experts: routing, dispatch, expert computation and the MoE block."""

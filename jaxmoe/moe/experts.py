@@ -1,0 +1,249 @@
+"""The experts' SwiGLU feed-forward over token copies sorted by expert (`moe_ffn`), and its dense-masked twin.
+
+Expert e computes down(silu(gate(x)) * up(x)) with `w_gate_up` [e, d, 2f] ([..., :f] gate, [..., f:] up) and
+`w_down` [e, f, d]; a token's output is Σ_j w[t, j]·Expert_{experts[t, j]}(x_t) in fp32, weights as given (no
+renormalisation). Both functions take the same parameters, so `dense_moe_reference` checks `moe_ffn`.
+
+The expert computation over the sorted copies, `expert_ffn`, picks an implementation from `IMPLEMENTATIONS`:
+  "xla_ragged"  two grouped matmuls (`lax.ragged_dot`) with SwiGLU between; the default off CPU. A Pallas grouped
+                matmul plugs in the same way: `_two_grouped_matmuls(gmm)`.
+  "blocked"     the CPU path: one loop over row tiles that runs gate_up -> SwiGLU -> down per tile (XLA:CPU runs
+                `ragged_dot` about 15x slower than a dense matmul of the same FLOPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxmoe.moe.dispatch import permute, route, unpermute
+
+# Row-tile heights of the "blocked" path, largest first, each half the one before; see `_for_each_tile`.
+TILE_ROWS = (512, 256, 128, 64)
+
+
+def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gate_up: jax.Array,
+            w_down: jax.Array, *, capacity_factor: float = -1.0, implementation: str = "auto") -> jax.Array:
+    """x [t, d], weights float [t, k], experts int [t, k] -> y [t, d] in x's dtype (weighted sum in fp32).
+
+    capacity_factor < 0: every copy is computed (dropless). > 0: each expert keeps its first
+    ceil(t·k / e · capacity_factor) copies in token order; the others add zero. implementation: see
+    `expert_ffn`. Differentiable in x, weights, w_gate_up and w_down.
+    """
+    _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
+    dispatch = route(experts_tk, w_gate_up.shape[0], capacity_factor=capacity_factor)
+    out_md = expert_ffn(permute(x_td, dispatch), w_gate_up, w_down, dispatch.group_sizes_e,
+                        implementation=implementation)
+    return unpermute(out_md, weights_tk, dispatch).astype(x_td.dtype)
+
+
+def dense_moe_reference(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gate_up: jax.Array,
+                        w_down: jax.Array) -> jax.Array:
+    """The obviously correct twin of `moe_ffn` (dropless): every token through every expert, masked combine.
+    Costs e/k times the FLOPs of `moe_ffn`; meant for tests and for checking a run."""
+    _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
+    e = w_gate_up.shape[0]
+    hi = lax.Precision.HIGHEST
+    h_et2f = jnp.einsum("td,edf->etf", x_td, w_gate_up, precision=hi)
+    out_etd = jnp.einsum("etf,efd->etd", _swiglu(h_et2f), w_down, precision=hi)
+    combine_te = jnp.einsum("tk,tke->te", weights_tk.astype(jnp.float32),
+                            jax.nn.one_hot(experts_tk, e, dtype=jnp.float32), precision=hi)
+    return jnp.einsum("etd,te->td", out_etd.astype(jnp.float32), combine_te, precision=hi).astype(x_td.dtype)
+
+
+def expert_ffn(x_md: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_sizes_e: jax.Array, *,
+               implementation: str = "auto") -> jax.Array:
+    """Rows [s_e, s_e + group_sizes_e[e]) of x [m, d] through expert e -> [m, d], s_e = Σ_{i<e} sizes; rows
+    past sum(group_sizes_e) are zero. implementation: "auto" ("blocked" on CPU, "xla_ragged" elsewhere) or a
+    key of IMPLEMENTATIONS. Differentiable in x_md, w_gate_up and w_down."""
+    e, d, two_f = w_gate_up.shape
+    if x_md.ndim != 2 or x_md.shape[1] != d or w_down.shape != (e, two_f // 2, d):
+        raise ValueError(f"expert_ffn needs x [m, d], w_gate_up [e, d, 2f], w_down [e, f, d]; got x {x_md.shape}, "
+                         f"w_gate_up {w_gate_up.shape}, w_down {w_down.shape}")
+    if group_sizes_e.shape != (e,):
+        raise ValueError(f"group_sizes_e has shape {group_sizes_e.shape}; expected ({e},), one size per expert of "
+                         f"w_gate_up {w_gate_up.shape}")
+    dtype = jnp.result_type(x_md, w_gate_up, w_down)
+    impl = IMPLEMENTATIONS[resolve_implementation(implementation)]
+    return impl(x_md.astype(dtype), w_gate_up.astype(dtype), w_down.astype(dtype), group_sizes_e.astype(jnp.int32))
+
+
+def resolve_implementation(implementation: str) -> str:
+    """"auto" -> "blocked" on CPU, "xla_ragged" elsewhere; other names are checked against IMPLEMENTATIONS."""
+    if implementation == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "xla_ragged"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected 'auto' or one of {sorted(IMPLEMENTATIONS)}")
+    return implementation
+
+
+def _swiglu(h: jax.Array) -> jax.Array:
+    """[..., 2f] -> [..., f]: silu(gate) * up, gate first."""
+    f = h.shape[-1] // 2
+    return jax.nn.silu(h[..., :f]) * h[..., f:]
+
+
+def _two_grouped_matmuls(grouped_matmul: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> Callable:
+    """An expert_ffn implementation from a grouped matmul (lhs [m, k], rhs [e, k, n], group_sizes [e]) -> [m, n]."""
+    def ffn(x_md, w_gate_up, w_down, group_sizes_e):
+        return grouped_matmul(_swiglu(grouped_matmul(x_md, w_gate_up, group_sizes_e)), w_down, group_sizes_e)
+    return ffn
+
+
+def _ragged_dot(lhs_md: jax.Array, rhs_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+    return lax.ragged_dot(lhs_md, rhs_ekn, group_sizes_e, preferred_element_type=jnp.float32).astype(lhs_md.dtype)
+
+
+# The "blocked" CPU path. Each expert's rows are cut into row tiles inside `fori_loop`s whose trip counts come
+# from group_sizes_e, and each tile runs gate_up -> SwiGLU -> down as ordinary matmuls against that expert's
+# weights. On the 2-core benchmark machine the layer is bound by memory traffic (a fresh page costs about
+# 0.3 ms per MB), so the whole FFN runs per tile and the backward recomputes the tile's gate_up product instead
+# of keeping it: no [m, 2f] or [m, f] activation or gradient buffer exists in either pass. Alternatives measured
+# by experiments/bench/moe_layer.py --alternatives (figures in BENCHMARKS.md), all slower: the same tiles as two
+# separate grouped matmuls with SwiGLU between (materialises those buffers), the fused tiles keeping h for the
+# backward, one batched einsum over padded [blocks, B, d] with each block's expert weight gathered (a weight
+# copy per block), and lax.ragged_dot. A dense [e, C, d] buffer or a one-hot dense formulation would need e/k
+# times the FLOPs to stay dropless (C = t).
+def _for_each_tile(group_sizes_e: jax.Array, num_rows: int, per_expert: Callable, tile: Callable, carry):
+    """Folds `tile(carry, ctx, e, start, rows, valid)` over every expert's row tiles; ctx = per_expert(e).
+
+    A tile is rows [start, start + rows) of the sorted buffer, all of expert e when `valid` is None. An expert's
+    rows are covered by tiles of TILE_ROWS[0] rows, then at most one tile of each smaller height (the binary
+    digits of the remainder), then one tile of the smallest height for the last few rows, with `valid` bool
+    [rows] marking them (shifted back if it would run past the buffer's end). So every expert wastes fewer
+    than TILE_ROWS[-1] rows, most rows go through the largest matmuls, and empty experts cost nothing.
+    Measured on the benchmark: a single height of 128 rows (all tiles masked) was 10% slower, 512 rows 20%.
+    """
+    heights = tuple(r for r in TILE_ROWS if r <= num_rows) or (num_rows,)
+    big, last = heights[0], heights[-1]
+    ends_e = jnp.cumsum(group_sizes_e)
+    starts_e = ends_e - group_sizes_e
+
+    def expert(e, carry):
+        ctx = per_expert(e)
+        start, rest = starts_e[e], group_sizes_e[e]
+        n_big = rest // big
+        carry = lax.fori_loop(0, n_big, lambda i, c: tile(c, ctx, e, start + i * big, big, None), carry)
+        start, rest = start + n_big * big, rest - n_big * big
+        for rows in heights[1:]:
+            take = rest >= rows
+            carry = lax.cond(take, lambda c, s=start, r=rows: tile(c, ctx, e, s, r, None), lambda c: c, carry)
+            start, rest = start + jnp.where(take, rows, 0), rest - jnp.where(take, rows, 0)
+        shifted = jnp.minimum(start, num_rows - last)
+        row = shifted + jnp.arange(last)
+        valid = (row >= start) & (row < start + rest)
+        return lax.cond(rest > 0, lambda c: tile(c, ctx, e, shifted, last, valid), lambda c: c, carry)
+
+    def nonempty_expert(e, carry):  # skips even the weight slices of empty experts (decoding touches k experts)
+        return lax.cond(group_sizes_e[e] > 0, expert, lambda e, c: c, e, carry)
+
+    return lax.fori_loop(0, group_sizes_e.shape[0], nonempty_expert, carry)
+
+
+def _expert_weights(w_gate_up, w_down):
+    return lambda e: (lax.dynamic_index_in_dim(w_gate_up, e, keepdims=False),
+                      lax.dynamic_index_in_dim(w_down, e, keepdims=False))
+
+
+def _matmul(a, b, contract):
+    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _write_rows(buffer_md, start, rows_nd, valid):
+    """buffer[start : start + len(rows)] = rows, keeping the buffer's rows where `valid` is False."""
+    if valid is not None:
+        rows_nd = jnp.where(valid[:, None], rows_nd, lax.dynamic_slice_in_dim(buffer_md, start, valid.shape[0]))
+    return lax.dynamic_update_slice_in_dim(buffer_md, rows_nd, start, axis=0)
+
+
+def _blocked_forward(x_md, w_gate_up, w_down, group_sizes_e):
+    def tile(out_md, weights, e, start, rows, valid):
+        w_d2f, w_fd = weights
+        h = _matmul(lax.dynamic_slice_in_dim(x_md, start, rows), w_d2f, ((1,), (0,))).astype(x_md.dtype)
+        return _write_rows(out_md, start, _matmul(_swiglu(h), w_fd, ((1,), (0,))).astype(x_md.dtype), valid)
+
+    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down), tile,
+                          jnp.zeros_like(x_md))
+
+
+def _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md):
+    def tile(carry, weights, e, start, rows, valid):
+        dx_md, dw_gate_up, dw_down = carry
+        w_d2f, w_fd = weights
+        x = lax.dynamic_slice_in_dim(x_md, start, rows)
+        dout = lax.dynamic_slice_in_dim(dout_md, start, rows)
+        if valid is not None:  # rows of other experts must not reach this expert's weight gradients
+            dout = jnp.where(valid[:, None], dout, 0)
+        h = _matmul(x, w_d2f, ((1,), (0,))).astype(x_md.dtype)  # recomputed: cheaper than storing [m, 2f]
+        a, swiglu_vjp = jax.vjp(_swiglu, h)
+        (dh,) = swiglu_vjp(_matmul(dout, w_fd, ((1,), (1,))).astype(h.dtype))
+        dx = _matmul(dh, w_d2f, ((1,), (1,))).astype(dx_md.dtype)
+        return (_write_rows(dx_md, start, dx, valid),
+                _add_to_expert(dw_gate_up, e, _matmul(x, dh, ((0,), (0,)))),
+                _add_to_expert(dw_down, e, _matmul(a, dout, ((0,), (0,)))))
+
+    carry = (jnp.zeros_like(x_md), jnp.zeros(w_gate_up.shape, jnp.float32), jnp.zeros(w_down.shape, jnp.float32))
+    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down), tile, carry)
+
+
+def _add_to_expert(acc_ekn, e, update_kn):
+    """acc[e] += update, as a dynamic_update_slice (in place in the loop; no scatter-add)."""
+    return lax.dynamic_update_index_in_dim(acc_ekn, lax.dynamic_index_in_dim(acc_ekn, e, keepdims=False) + update_kn,
+                                           e, 0)
+
+
+@jax.custom_vjp
+def _blocked(x_md, w_gate_up, w_down, group_sizes_e):
+    return _blocked_forward(x_md, w_gate_up, w_down, group_sizes_e)
+
+
+def _blocked_fwd(x_md, w_gate_up, w_down, group_sizes_e):
+    return _blocked_forward(x_md, w_gate_up, w_down, group_sizes_e), (x_md, w_gate_up, w_down, group_sizes_e)
+
+
+def _blocked_bwd(residuals, dout_md):
+    x_md, w_gate_up, w_down, group_sizes_e = residuals
+    dx_md, dw_gate_up, dw_down = _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md)
+    return dx_md, dw_gate_up.astype(w_gate_up.dtype), dw_down.astype(w_down.dtype), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+IMPLEMENTATIONS: dict[str, Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]] = {
+    "blocked": _blocked,
+    "xla_ragged": _two_grouped_matmuls(_ragged_dot),
+}
+
+
+def _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down) -> None:
+    if x_td.ndim != 2:
+        raise ValueError(f"x_td has shape {x_td.shape}; expected [tokens, d_model] (flatten batch and time)")
+    t, d = x_td.shape
+    if weights_tk.ndim != 2 or experts_tk.ndim != 2:
+        raise ValueError(f"weights_tk {weights_tk.shape} and experts_tk {experts_tk.shape} must both be "
+                         "[tokens, top_k]")
+    if weights_tk.shape[1] != experts_tk.shape[1]:
+        raise ValueError(f"top-k mismatch: weights_tk has k={weights_tk.shape[1]} (shape {weights_tk.shape}) "
+                         f"but experts_tk has k={experts_tk.shape[1]} (shape {experts_tk.shape})")
+    if weights_tk.shape[0] != t or experts_tk.shape[0] != t:
+        raise ValueError(f"token count mismatch: x_td {x_td.shape}, weights_tk {weights_tk.shape}, experts_tk "
+                         f"{experts_tk.shape}; all need the same first dimension")
+    if not jnp.issubdtype(experts_tk.dtype, jnp.integer):
+        raise ValueError(f"experts_tk has dtype {experts_tk.dtype}; expected integer expert ids")
+    if w_gate_up.ndim != 3 or w_gate_up.shape[1] != d or w_gate_up.shape[2] % 2:
+        raise ValueError(f"w_gate_up has shape {w_gate_up.shape}; expected [experts, d_model={d}, 2·d_ff] for "
+                         f"x_td {x_td.shape}")
+    e, _, two_f = w_gate_up.shape
+    if w_down.shape != (e, two_f // 2, d):
+        raise ValueError(f"w_down has shape {w_down.shape}; expected (experts, d_ff, d_model) = "
+                         f"{(e, two_f // 2, d)} from w_gate_up {w_gate_up.shape} and x_td {x_td.shape}")
+    if not isinstance(experts_tk, jax.core.Tracer):
+        ids = np.asarray(experts_tk)
+        bad = np.unique(ids[(ids < 0) | (ids >= e)])
+        if bad.size:
+            raise ValueError(f"experts_tk holds ids {bad[:8].tolist()} outside [0, {e}): w_gate_up has {e} "
+                             "experts")

@@ -1,0 +1,65 @@
+"""The sparse MoE feed-forward block of Phi-3.5-MoE / GRIN-MoE: router, routing, dropless experts.
+
+The module owns parameters only; routing maths live in `router.py`, the expert computation in `experts.py`.
+Parameter layout: `router` [d, e] (no bias), `w_gate_up` [e, d, 2f] ([..., :f] is the gate), `w_down` [e, f, d].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxmoe.config import MoEConfig
+from jaxmoe.moe.experts import moe_ffn
+from jaxmoe.moe.router import sparsemixer, topk_router
+
+
+@struct.dataclass
+class Routing:
+    """What one MoE layer decided, returned upward for the auxiliary losses and logging."""
+
+    router_logits: jax.Array  # float32 [tokens, experts]
+    experts: jax.Array  # int32 [tokens, top_k]
+
+
+class SparseMoeBlock(nnx.Module):
+    """y = Σ_k w_k · Expert_{e_k}(x) over the experts the router picks; no token is dropped unless the config
+    sets a positive capacity factor. `deterministic` (flipped by `model.train()` / `model.eval()`) selects
+    SparseMixer's sampling and the input jitter; training mode needs `rngs` at call time.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, moe: MoEConfig, *, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.moe = moe
+        self.dtype = dtype
+        e, d, f = moe.num_experts, hidden_size, intermediate_size
+        init = nnx.initializers.normal(0.02)
+        self.router = nnx.Linear(d, e, use_bias=False, kernel_init=init, param_dtype=param_dtype, rngs=rngs)
+        self.w_gate_up = nnx.Param(init(rngs.params(), (e, d, 2 * f), param_dtype))
+        self.w_down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+        self.deterministic = True
+
+    def __call__(self, x_btd: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Routing]:
+        """x [b, t, d] -> (y [b, t, d], Routing)."""
+        b, t, d = x_btd.shape
+        training = not self.deterministic
+        if training and rngs is None:
+            raise ValueError("the MoE block is in training mode (model.train()), where SparseMixer samples experts "
+                             "and jitters its input: pass rngs=nnx.Rngs(...) to the model call, or call "
+                             "model.eval() for deterministic routing")
+        x_td = x_btd.reshape(b * t, d)
+        if training and self.moe.input_jitter_noise > 0:
+            eps = self.moe.input_jitter_noise
+            x_td = x_td * jax.random.uniform(rngs.jitter(), x_td.shape, x_td.dtype, 1.0 - eps, 1.0 + eps)
+        # The router runs in fp32: bf16 logits can flip SparseMixer's 2% threshold and the argmax.
+        logits_te = x_td.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
+        if self.moe.router == "sparsemixer":
+            weights_tk, experts_tk = sparsemixer(logits_te, jitter_eps=self.moe.router_jitter_noise,
+                                                 training=training, rngs=rngs if training else None)
+        else:
+            weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
+        compute = self.dtype or x_td.dtype
+        y_td = moe_ffn(x_td.astype(compute), weights_tk, experts_tk, self.w_gate_up[...].astype(compute),
+                       self.w_down[...].astype(compute), capacity_factor=self.moe.capacity_factor)
+        return y_td.reshape(b, t, d).astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)
