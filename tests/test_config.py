@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jaxmoe.config import PRESETS, LongRoPE, get_preset
+from jaxmoe.config import PRESETS, LongRoPE, MoEConfig, get_preset
 
 TINY = get_preset("tiny")
 
@@ -95,3 +95,10 @@ def test_configs_are_frozen_and_hashable():
         TINY.vocab_size = 1024
     assert hash(TINY) == hash(get_preset("tiny").replace()) and TINY == get_preset("tiny").replace()
     assert len({get_preset(name) for name in PRESETS}) == len(PRESETS)
+
+
+def test_moe_top_k_larger_than_the_expert_count_is_named():
+    with pytest.raises(ValueError, match=r"top_k=5 with num_experts=4"):
+        MoEConfig(num_experts=4, top_k=5, router="topk")
+    with pytest.raises(ValueError, match=r"exactly 2 experts, got top_k=1"):
+        MoEConfig(num_experts=4, top_k=1)

@@ -314,3 +314,8 @@ def test_bad_inputs_raise_value_errors_that_name_the_shape():
         sparsemixer(jnp.zeros((4, 3)), jitter_eps=EPS, training=False, variant="v3")
     with pytest.raises(ValueError, match=r"token_mask has shape \(3,\)"):
         load_balancing_loss(jnp.zeros((4, 3)), jnp.zeros((4, 2), jnp.int32), num_experts=3, token_mask=jnp.ones(3))
+
+
+def test_router_logits_with_the_wrong_expert_dimension_are_named():
+    with pytest.raises(ValueError, match=r"router_logits \(4, 5\).*num_experts=3"):
+        load_balancing_loss(jnp.zeros((4, 5)), jnp.zeros((4, 2), jnp.int32), num_experts=3)
