@@ -7,12 +7,15 @@ optimizer step on one `Batch` and returns its metrics; `evaluate` averages loss 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxmoe.infer.generate import greedy_tokens
 
 __all__ = ["Batch", "TrainConfig", "evaluate", "learning_rate_schedule", "make_optimizer", "next_token_loss",
            "train_step"]
@@ -103,7 +106,7 @@ def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = Non
         real_bt = batch.attention_mask.astype(jnp.float32)
         weight_bt = weight_bt * real_bt[:, 1:] * real_bt[:, :-1]
     nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
-    correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt) & (weight_bt > 0)
+    correct_bt = (greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)
     stats = {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
              "correct": jnp.sum(correct_bt.astype(jnp.float32))}
     loss = stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0)
@@ -113,7 +116,7 @@ def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = Non
     return loss, stats
 
 
-@nnx.jit
+@functools.partial(nnx.jit, donate_argnames=("model", "optimizer"))  # update parameters and moments in place
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """One AdamW step on `batch`, in place. Returns float32 scalars: loss, grad_norm (before clipping),
