@@ -272,7 +272,8 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype) ->
 
 
 def load_hf(path, *, dtype=jnp.float32, mesh=None) -> Phi3ForCausalLM:
-    """Reads a Hugging Face checkpoint folder and returns the model in eval mode, parameters in `dtype`."""
+    """Reads a Hugging Face `phi3` or `phimoe` checkpoint folder; returns Phi3ForCausalLM or PhimoeForCausalLM in
+    eval mode, parameters in `dtype`."""
     if mesh is not None:
         raise ValueError("load_hf(mesh=...): sharded placement is not available yet in this version; "
                          "call it with mesh=None and shard the returned state with jax.device_put")
@@ -304,7 +305,8 @@ def _shards(tensors: dict[str, jax.Array], max_bytes: int) -> list[dict[str, jax
 
 
 def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_bytes: int = _DEFAULT_SHARD_BYTES):
-    """Writes config.json and safetensors weights that transformers' `Phi3ForCausalLM.from_pretrained` loads.
+    """Writes config.json and safetensors weights that transformers' `Phi3ForCausalLM` (dense) or
+    `PhimoeForCausalLM` (MoE) `from_pretrained` loads, with Hub tensor names (`jaxmoe.io.names`).
 
     Refuses to replace an existing non-empty folder unless `overwrite=True`; the write is atomic either way.
     """

@@ -122,7 +122,7 @@ def _combine_copies(out_md, weights_tk, sorted_pos_tk, sorted_copy_m):
 
 
 def _combine_copies_fwd(out_md, weights_tk, sorted_pos_tk, sorted_copy_m):
-    y_td = jnp.sum(out_md[sorted_pos_tk].astype(jnp.float32) * weights_tk[..., None], axis=1)
+    y_td = _combine_copies.fun(out_md, weights_tk, sorted_pos_tk, sorted_copy_m)
     return y_td, (out_md, weights_tk, sorted_pos_tk, sorted_copy_m)
 
 
