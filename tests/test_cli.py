@@ -21,8 +21,12 @@ WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "the", "cat", "sat", "on", "a", "ma
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--help"], ["demo", "generate"]),
+    (["--help"], ["demo", "train", "eval-mt", "translate", "generate"]),
     (["demo", "--help"], ["--out", "--steps", "--seed"]),
+    (["train", "--help"], ["--config", "KEY=VALUE"]),
+    (["eval-mt", "--help"], ["--src", "--hyp", "--ref", "--lang-pair"]),
+    (["translate", "--help"], ["--model", "--src", "--out", "--src-lang", "--tgt-lang", "--prompt",
+                               "--max-new-tokens", "--batch-size"]),
     (["generate", "--help"], ["--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                               "--chat", "--dtype", "--seed"]),
 ])
@@ -44,10 +48,14 @@ def test_installed_console_script_runs():
 
 @pytest.mark.parametrize("argv, message", [
     ([], "required: COMMAND"),
-    (["translate"], "invalid choice"),
+    (["transmogrify"], "invalid choice"),
     (["generate", "--prompt", "hi"], "required: --model"),
     (["generate", "--model", "x", "--prompt", "hi", "--dtype", "float16"], "invalid choice"),
     (["demo", "--steps", "0"], "expected an integer >= 1"),
+    (["train", "optim.stepz=3", "data.train.text=x", "tokenizer.bpe_vocab_size=300"],
+     "unknown config key 'optim.stepz'; valid keys in optim: steps"),
+    (["train", "--config", "no_such.yaml"], "config file 'no_such.yaml' does not exist"),
+    (["eval-mt", "--hyp", "no_such.hyp", "--ref", "no_such.ref"], "no_such.hyp"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -56,28 +64,52 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert message in err
 
 
-def test_demo_trains_evaluates_and_writes_a_run_folder(tmp_path, capsys):
+def test_demo_trains_a_moe_translator_and_writes_a_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["demo", "--steps", "40", "--out", str(out), "--seed", "1"]) == 0
+    assert main(["demo", "--steps", "60", "--out", str(out), "--seed", "1"]) == 0
     printed = capsys.readouterr().out
-    assert str(out) in printed and "exact match" in printed
+    assert str(out) in printed and "test BLEU untrained -> trained" in printed
 
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 40
-    assert metrics["heldout_loss"] < 0.7 * metrics["initial_heldout_loss"]  # it trained, it is not random
-    assert 0.0 <= metrics["heldout_exact_match"] <= 1.0
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    samples = (out / "samples.txt").read_text().splitlines()
-    assert len(samples) == 1 + metrics["heldout_examples"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["experts"] == 8
+    vocab = jaxmoe.Tokenizer.from_folder(out / "model").vocab_size
+    assert summary["valid_loss"] < 0.6 * math.log(vocab)  # it trained: far below a uniform guess
+    assert 0.0 <= summary["untrained_test_bleu"] <= summary["test_bleu"] + 1e-9
+    for name in ("loss.png", "expert_load.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "test.hyp.txt").read_text().splitlines()) == summary["test_sentences"]
 
     model = jaxmoe.load_hf(out / "model")
-    tokenizer = tokenizers.Tokenizer.from_file(str(out / "model" / "tokenizer.json"))
-    assert model.config.vocab_size == tokenizer.get_vocab_size()
-    ids = jnp.asarray([tokenizer.encode("3 4 2 <words>").ids], jnp.int32)
+    assert isinstance(model, jaxmoe.PhimoeForCausalLM)
+    tokenizer = jaxmoe.Tokenizer.from_folder(out / "model")
+    ids = jnp.asarray([tokenizer.encode("English: the king sees a bird\nZentish:")], jnp.int32)
     assert np.isfinite(np.asarray(model(ids).logits)).all()
 
     assert main(["demo", "--steps", "1", "--out", str(out)]) == 2  # refuses to overwrite the run
     assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_mt_prints_one_json_object(tmp_path, capsys):
+    ref = tmp_path / "ref.txt"
+    hyp = tmp_path / "hyp.txt"
+    ref.write_text("the cat sat on the mat\na dog ran far away\n")
+    hyp.write_text("the cat sat on a mat\na dog ran far away\n")
+    assert main(["eval-mt", "--hyp", str(hyp), "--ref", str(ref), "--lang-pair", "de-en"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["bleu"] < 100 and 0 < result["chrf"] < 100
+    hyp.write_text("only one line\n")
+    assert main(["eval-mt", "--hyp", str(hyp), "--ref", str(ref)]) == 2
+    assert "has 1 lines" in capsys.readouterr().err
+
+
+def test_translate_writes_one_line_per_source(checkpoint, tmp_path, capsys):
+    src = tmp_path / "src.txt"
+    src.write_text("the cat sat\na dog ran far\nthe sun\n")
+    out = tmp_path / "out.txt"
+    assert main(["translate", "--model", str(checkpoint), "--src", str(src), "--out", str(out), "--src-lang", "de",
+                 "--tgt-lang", "en", "--prompt", "{src} and", "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and all(set(line.split()) <= set(WORDS) for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +200,3 @@ def test_generate_checkpoint_error_exits_2(checkpoint, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-def test_demo_corpus_is_a_checkable_mapping():
-    from jaxmoe.demo import make_corpus, number_to_words
-
-    assert [number_to_words(n) for n in (0, 7, 13, 20, 45, 100, 110, 342, 999)] == [
-        "zero", "seven", "thirteen", "twenty", "forty five", "one hundred", "one hundred ten",
-        "three hundred forty two", "nine hundred ninety nine"]
-    train, heldout = make_corpus()
-    assert len(train) + len(heldout) == 2000
-    assert not {e.prompt for e in train} & {e.prompt for e in heldout}
-    assert math.isclose(len(heldout) / 2000, 0.1)

@@ -271,16 +271,18 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype) ->
     return params
 
 
-def load_hf(path, *, dtype=jnp.float32, mesh=None) -> Phi3ForCausalLM:
+def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3ForCausalLM:
     """Reads a Hugging Face `phi3` or `phimoe` checkpoint folder; returns Phi3ForCausalLM or PhimoeForCausalLM in
-    eval mode, parameters in `dtype`."""
+    eval mode, parameters in `dtype`, computing in `compute_dtype` (default: `dtype`; e.g. float32 master
+    weights with bfloat16 compute for fine-tuning)."""
     if mesh is not None:
         raise ValueError("load_hf(mesh=...): sharded placement is not available yet in this version; "
                          "call it with mesh=None and shard the returned state with jax.device_put")
     folder = Path(path)
     config = config_from_hf(_read_config(folder))
     model_class = Phi3ForCausalLM if config.moe is None else PhimoeForCausalLM
-    abstract_model = nnx.eval_shape(lambda: model_class(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: model_class(config, dtype=compute_dtype, param_dtype=dtype,
+                                                        rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract_model)
     abstract = nnx.to_pure_dict(state)
     params = _load_params(folder, list(param_specs(config)), abstract, dtype)

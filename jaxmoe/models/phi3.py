@@ -97,12 +97,15 @@ class Phi3ForCausalLM(nnx.Module):
         return KVCache.create(num_layers=c.num_layers, batch=batch, max_len=max_len, num_kv_heads=c.num_kv_heads,
                               head_dim=c.head_dim, dtype=dtype or self.dtype)
 
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: KVCache | None = None,
-                 logits_to_keep: int = 0, rngs: nnx.Rngs | None = None) -> CausalLMOutput:
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
+                 cache: KVCache | None = None, logits_to_keep: int = 0,
+                 rngs: nnx.Rngs | None = None) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
 
         attention_mask: optional [b, t] (1 = token, 0 = padding). positions: optional int [b, t]; by default
-        the count of real tokens before each one (so left padding works). With `cache`, this call's tokens go
+        the count of real tokens before each one (so left padding works), counted within each segment when
+        `segment_ids` is given. segment_ids: optional int [b, t] for packed rows (several sequences per row):
+        a token attends only to its own segment; not with `cache`. With `cache`, this call's tokens go
         into slots cache.index ... cache.index + t - 1 and attend to everything cached before them.
         logits_to_keep > 0 computes logits for the last that many positions only ([b, logits_to_keep, vocab]),
         as transformers does; generation's prefill needs just the last one. `rngs` feeds the MoE routers'
@@ -115,15 +118,27 @@ class Phi3ForCausalLM(nnx.Module):
         check_token_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache; generate "
+                                 "from one sequence per row")
+            segment_ids = jnp.asarray(segment_ids)
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected input_ids' {(b, t)}")
         if positions is None:
             positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+            if segment_ids is not None:
+                # Restart the count at each segment: subtract the count reached just before the segment starts.
+                starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+                before = jnp.where(starts, positions - valid.astype(jnp.int32) + 1, 0)
+                positions = positions - jax.lax.cummax(before, axis=1)
         positions = jnp.where(valid, positions, -1).astype(jnp.int32)
 
         if cache is None:
             k_positions = positions
         else:
             k_positions = jax.lax.dynamic_update_slice(cache.positions_bs, positions, (0, cache.index))
-        mask = causal_mask(positions, k_positions, self.config.sliding_window)
+        mask = causal_mask(positions, k_positions, self.config.sliding_window, segment_ids)
         cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
 
         x = self.embed_tokens(input_ids)

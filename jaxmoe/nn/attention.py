@@ -41,16 +41,20 @@ class KVCache:
         return self.positions_bs.shape[1]
 
 
-def causal_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array, sliding_window: int | None) -> jax.Array:
+def causal_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array, sliding_window: int | None,
+                segment_ids_bt: jax.Array | None = None) -> jax.Array:
     """bool [b, t, s]: query i sees key j iff 0 <= pos_j <= pos_i (and pos_i - pos_j < window).
 
-    Position -1 marks padding or an empty cache slot on either side.
+    Position -1 marks padding or an empty cache slot on either side. With `segment_ids_bt` (packed sequences,
+    no cache: s == t), a query sees only keys of its own segment.
     """
     q = q_positions_bt[:, :, None]
     k = k_positions_bs[:, None, :]
     mask = (k >= 0) & (q >= 0) & (k <= q)
     if sliding_window is not None:
         mask &= q - k < sliding_window
+    if segment_ids_bt is not None:
+        mask &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     return mask
 
 

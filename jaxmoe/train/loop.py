@@ -27,16 +27,23 @@ class Batch(NamedTuple):
     input_ids: int32 [b, t]. loss_mask: [b, t], 1 where token t is a target: its prediction (the logits at
     t - 1) counts in the loss; position 0 never does. attention_mask: [b, t], 1 = real token, 0 = padding
     (None: no padding). Padding is never attended to, predicted, or predicted from, whatever loss_mask says.
+    segment_ids, positions: optional int32 [b, t] for packed rows (several sequences per row): tokens attend
+    within their segment only, and no token is predicted from another segment's last token.
+
+    For gradient accumulation every field gains a leading micro-batch axis: [micro, b, t].
     """
 
     input_ids: jax.Array
     loss_mask: jax.Array
     attention_mask: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    positions: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrainConfig:
-    """Optimizer settings: AdamW, linear warmup to `learning_rate`, cosine decay to `final_lr_fraction` of it."""
+    """Optimizer settings: AdamW, linear warmup to `learning_rate`, then cosine or linear decay to
+    `final_lr_fraction` of it at `total_steps`."""
 
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -46,8 +53,11 @@ class TrainConfig:
     clip_norm: float = 1.0
     b1: float = 0.9
     b2: float = 0.98
+    schedule: str = "cosine"
 
     def __post_init__(self):
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"TrainConfig: schedule={self.schedule!r}; expected 'cosine' or 'linear'")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"TrainConfig: warmup_steps={self.warmup_steps}, total_steps={self.total_steps}; "
                              "expected 0 <= warmup_steps < total_steps")
@@ -57,10 +67,17 @@ class TrainConfig:
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """0 -> learning_rate linearly over warmup_steps, then cosine down to learning_rate * final_lr_fraction."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=config.total_steps, end_value=config.learning_rate * config.final_lr_fraction)
+    """0 -> learning_rate linearly over warmup_steps, then cosine (or linear) down to
+    learning_rate * final_lr_fraction at total_steps."""
+    end = config.learning_rate * config.final_lr_fraction
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=config.learning_rate,
+                                                  warmup_steps=config.warmup_steps, decay_steps=config.total_steps,
+                                                  end_value=end)
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+        optax.linear_schedule(config.learning_rate, end, config.total_steps - config.warmup_steps)],
+        boundaries=[config.warmup_steps])
 
 
 def _adamw_clipped(learning_rate, *, config: TrainConfig) -> optax.GradientTransformation:
@@ -72,13 +89,60 @@ def _adamw_clipped(learning_rate, *, config: TrainConfig) -> optax.GradientTrans
     )
 
 
-def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
-    """An `nnx.Optimizer` over the model's `nnx.Param`s; the current learning rate lives in its state."""
+def make_optimizer(model: nnx.Module, config: TrainConfig, *, wrt=nnx.Param) -> nnx.Optimizer:
+    """An `nnx.Optimizer` over the model's `wrt` variables (all `nnx.Param`s, or `nnx.LoRAParam` to train only
+    LoRA adapters); the current learning rate lives in its state."""
     # inject_hyperparams keeps the scheduled learning rate in the optimizer state, so train_step reports the
     # rate it actually used without being handed the schedule separately.
     tx = optax.inject_hyperparams(_adamw_clipped, static_args=("config",))(
         learning_rate=learning_rate_schedule(config), config=config)
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def _target_weights(batch: Batch) -> jax.Array:
+    """float32 [b, t - 1]: 1 where logits t predict token t + 1 and both count (see Batch)."""
+    weight_bt = batch.loss_mask[:, 1:].astype(jnp.float32)
+    if batch.attention_mask is not None:
+        # Both ends must be real tokens: a padding position neither is a target nor predicts one.
+        real_bt = batch.attention_mask.astype(jnp.float32)
+        weight_bt = weight_bt * real_bt[:, 1:] * real_bt[:, :-1]
+    if batch.segment_ids is not None:
+        weight_bt = weight_bt * (batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1])
+    return weight_bt
+
+
+def _check_batch(batch: Batch, rank: int) -> None:
+    shape = tuple(batch.input_ids.shape)
+    for name in ("loss_mask", "attention_mask", "segment_ids", "positions"):
+        field = getattr(batch, name)
+        if field is not None and tuple(field.shape) != shape:
+            raise ValueError(f"Batch.{name} has shape {tuple(field.shape)} but input_ids has shape {shape}; "
+                             "expected the same shape")
+    if len(shape) != rank or shape[-1] < 2:
+        what = "[batch, time]" if rank == 2 else "[micro_batches, batch, time]"
+        raise ValueError(f"Batch.input_ids has shape {shape}; expected {what} with time >= 2")
+
+
+def _objective(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, *, token_total, micro_batches: int
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Summed cross-entropy / token_total + the MoE losses / micro_batches: summed over the micro-batches of a
+    step this is exactly the whole batch's loss. Returns (objective, stats)."""
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, segment_ids=batch.segment_ids,
+                positions=batch.positions, rngs=rngs)
+    logits_btv = out.logits[:, :-1]
+    targets_bt = batch.input_ids[:, 1:]
+    weight_bt = _target_weights(batch)
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
+    correct_bt = (greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)
+    stats = {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
+             "correct": jnp.sum(correct_bt.astype(jnp.float32))}
+    objective = stats["loss_sum"] / jnp.maximum(token_total, 1.0)
+    if out.aux_loss is not None:
+        moe = model.config.moe
+        stats["aux_loss"], stats["router_z_loss"] = out.aux_loss, out.router_z_loss
+        stats["expert_load"] = out.expert_load
+        objective = objective + (moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.router_z_loss) / micro_batches
+    return objective, stats
 
 
 def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = None
@@ -87,51 +151,68 @@ def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = Non
     config's `aux_loss_coef` x load-balancing loss and `z_loss_coef` x router z-loss. `rngs` feeds MoE routing
     in training mode.
 
-    Returns (loss float32 [], {"loss_sum", "tokens", "correct"}: float32 [] sums over the batch's targets).
+    Returns (loss float32 [], stats: float32 [] sums over the batch's targets "loss_sum", "tokens", "correct";
+    MoE models add "aux_loss", "router_z_loss" and "expert_load" [layers, experts]).
     """
-    shape = tuple(batch.input_ids.shape)
-    for name in ("loss_mask", "attention_mask"):
-        mask = getattr(batch, name)
-        if mask is not None and tuple(mask.shape) != shape:
-            raise ValueError(f"Batch.{name} has shape {tuple(mask.shape)} but input_ids has shape {shape}; "
-                             "expected the same [batch, time]")
-    if len(shape) != 2 or shape[1] < 2:
-        raise ValueError(f"Batch.input_ids has shape {shape}; expected [batch, time] with time >= 2")
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, rngs=rngs)
-    logits_btv = out.logits[:, :-1]
-    targets_bt = batch.input_ids[:, 1:]
-    weight_bt = batch.loss_mask[:, 1:].astype(jnp.float32)
-    if batch.attention_mask is not None:
-        # Both ends must be real tokens: a padding position neither is a target nor predicts one.
-        real_bt = batch.attention_mask.astype(jnp.float32)
-        weight_bt = weight_bt * real_bt[:, 1:] * real_bt[:, :-1]
-    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
-    correct_bt = (greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)
-    stats = {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
-             "correct": jnp.sum(correct_bt.astype(jnp.float32))}
-    loss = stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0)
-    if out.aux_loss is not None:
-        moe = model.config.moe
-        loss = loss + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.router_z_loss
-    return loss, stats
+    _check_batch(batch, rank=2)
+    return _objective(model, batch, rngs, token_total=jnp.sum(_target_weights(batch)), micro_batches=1)
 
 
 @functools.partial(nnx.jit, donate_argnames=("model", "optimizer"))  # update parameters and moments in place
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-    """One AdamW step on `batch`, in place. Returns float32 scalars: loss, grad_norm (before clipping),
-    learning_rate (the rate this step used) and accuracy (next-token, on the batch's targets). MoE models in
-    training mode (`model.train()`) need `rngs` for SparseMixer's sampling and the input jitter."""
-    (loss, stats), grads = nnx.value_and_grad(next_token_loss, has_aux=True)(model, batch, rngs)
+    """One AdamW step on `batch`, in place, on the parameters the optimizer was built for (`optimizer.wrt`:
+    all `nnx.Param`s, or only `nnx.LoRAParam` adapters). A batch with a leading micro-batch axis
+    [micro, b, t] accumulates the gradients of its micro-batches (a scan, one at a time in memory) and takes
+    one step with exactly the whole batch's gradient.
+
+    Returns float32 scalars: loss, grad_norm (before clipping), learning_rate (the rate this step used),
+    accuracy (next-token, on the batch's targets) and tokens (targets); MoE models add aux_loss, router_z_loss
+    and expert_load [layers, experts]. MoE models in training mode (`model.train()`) need `rngs` for
+    SparseMixer's sampling and the input jitter.
+    """
+    micro = batch.input_ids.ndim == 3
+    _check_batch(batch, rank=3 if micro else 2)
+    if not micro:
+        batch = jax.tree.map(lambda x: x[None], batch)
+    micro_batches = batch.input_ids.shape[0]
+    token_total = jnp.sum(jax.vmap(_target_weights)(batch))
+    # One key per stream for this step; micro-batch i folds in i, so each draws fresh, reproducible noise.
+    keys = None if rngs is None else {name: stream() for name, stream in rngs.items()}
+    graphdef, trained, rest = nnx.split(model, optimizer.wrt, ...)
+
+    def micro_step(grads, inputs):
+        index, mb = inputs
+        def objective(trained):
+            step_rngs = None if keys is None else nnx.Rngs(
+                **{name: jax.random.fold_in(key, index) for name, key in keys.items()})
+            return _objective(nnx.merge(graphdef, trained, rest), mb, step_rngs, token_total=token_total,
+                              micro_batches=micro_batches)
+        (_, stats), g = jax.value_and_grad(objective, has_aux=True)(trained)
+        return jax.tree.map(jnp.add, grads, g), stats
+
+    zeros = jax.tree.map(jnp.zeros_like, trained)
+    grads, stats = jax.lax.scan(micro_step, zeros, (jnp.arange(micro_batches), batch))
     optimizer.update(model, grads)
-    return {"loss": loss, "grad_norm": optax.global_norm(grads),
-            "learning_rate": optimizer.opt_state.hyperparams["learning_rate"][...],
-            "accuracy": stats["correct"] / jnp.maximum(stats["tokens"], 1.0)}
+    tokens = jnp.sum(stats["tokens"])
+    metrics = {"loss": jnp.sum(stats["loss_sum"]) / jnp.maximum(tokens, 1.0),
+               "grad_norm": optax.global_norm(grads),
+               "learning_rate": _current_learning_rate(optimizer),
+               "accuracy": jnp.sum(stats["correct"]) / jnp.maximum(tokens, 1.0), "tokens": tokens}
+    if "aux_loss" in stats:
+        metrics.update(aux_loss=jnp.mean(stats["aux_loss"]), router_z_loss=jnp.mean(stats["router_z_loss"]),
+                       expert_load=jnp.mean(stats["expert_load"], axis=0))
+    return metrics
+
+
+def _current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array:
+    return optimizer.opt_state.hyperparams["learning_rate"][...]
 
 
 @nnx.jit
 def _eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-    return next_token_loss(model, batch)[1]
+    stats = next_token_loss(model, batch)[1]
+    return {key: stats[key] for key in ("loss_sum", "tokens", "correct")}
 
 
 def evaluate(model: nnx.Module, batches: Iterable[Batch]) -> dict[str, float]:

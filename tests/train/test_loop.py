@@ -1,7 +1,9 @@
 """The training loop: the loss is masked next-token cross-entropy, AdamW learns, evaluate averages per token."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -28,7 +30,7 @@ def right_padded_batch(rng, lengths, width):
 
 def reference_loss(model, batch):
     """Per-row numpy cross-entropy over each row's unpadded tokens, averaged over all targets."""
-    ids, loss_mask, attn = (np.asarray(x) for x in batch)
+    ids, loss_mask, attn = (np.asarray(x) for x in batch[:3])
     total, count = 0.0, 0
     for row, lm, am in zip(ids, loss_mask, attn):
         real = row[am.astype(bool)]
@@ -163,3 +165,44 @@ def test_moe_model_trains_in_training_mode_with_its_routing_losses(rng):
     assert float(out.aux_loss) > 0 and float(out.router_z_loss) > 0
     with pytest.raises(ValueError, match="pass rngs"):
         train_step(model, optimizer, batch)
+
+
+def test_accumulated_micro_batches_take_the_whole_batch_step(rng):
+    """[2, b/2, t] micro-batches give the same update as the [b, t] batch (the token-weighted gradient)."""
+    batch = right_padded_batch(rng, [12, 5, 9, 3], 12)
+    whole, split = tiny_model(), tiny_model()
+    # Plain SGD, so the parameter change is the gradient itself (Adam would amplify rounding in tiny entries).
+    sgd = lambda m: nnx.Optimizer(m, optax.inject_hyperparams(optax.sgd)(learning_rate=1.0), wrt=nnx.Param)  # noqa: E731
+    whole_opt, split_opt = sgd(whole), sgd(split)
+    micro = Batch(*(jnp.stack([x[:2], x[2:]]) for x in batch[:3]))
+    a = train_step(whole, whole_opt, batch)
+    b = train_step(split, split_opt, micro)
+    assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
+    assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(nnx.state(whole, nnx.Param)), jax.tree.leaves(nnx.state(split, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+def test_a_packed_row_has_the_loss_of_its_sequences_apart(rng):
+    """Two sequences packed in one row (segment ids, restarting positions) = the same two as separate rows."""
+    model = tiny_model()
+    first, second = rng.integers(3, CONFIG.vocab_size, size=7), rng.integers(3, CONFIG.vocab_size, size=5)
+    apart = Batch(jnp.asarray(np.stack([first, np.pad(second, (0, 2))]), jnp.int32),
+                  jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], jnp.int32),
+                  jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], jnp.int32))
+    row = np.concatenate([first, second, [0, 0]])[None]
+    segments = np.asarray([[1] * 7 + [2] * 5 + [0] * 2])
+    packed = Batch(jnp.asarray(row, jnp.int32), jnp.asarray(segments > 0, jnp.int32),
+                   jnp.asarray(segments > 0, jnp.int32), segment_ids=jnp.asarray(segments, jnp.int32))
+    loss_apart, stats_apart = next_token_loss(model, apart)
+    loss_packed, stats_packed = next_token_loss(model, packed)
+    assert float(stats_packed["tokens"]) == float(stats_apart["tokens"]) == 6 + 4  # no target across the seam
+    assert float(loss_packed) == pytest.approx(float(loss_apart), rel=1e-5)
+
+
+def test_linear_schedule_warms_up_then_decays_linearly():
+    schedule = learning_rate_schedule(TrainConfig(learning_rate=1.0, warmup_steps=10, total_steps=110,
+                                                  final_lr_fraction=0.1, schedule="linear"))
+    assert [round(float(schedule(s)), 6) for s in (0, 5, 10, 60, 110)] == [0.0, 0.5, 1.0, 0.55, 0.1]
+    with pytest.raises(ValueError, match="schedule='step'"):
+        TrainConfig(schedule="step")

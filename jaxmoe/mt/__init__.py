@@ -1,0 +1,1 @@
+"""Machine translation: batched greedy translation with a trained model, and sacreBLEU corpus scoring."""

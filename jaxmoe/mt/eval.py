@@ -1,0 +1,201 @@
+"""Translate line-aligned text with a model, and score translations with sacreBLEU's corpus BLEU and chrF.
+
+Files are read the way the `sacrebleu` command line reads them (UTF-8, one segment per "\\n"-ended line, trailing
+whitespace removed), and scores use sacreBLEU's default corpus settings with the BLEU tokenizer sacreBLEU picks
+for the target language (`zh` for Chinese, `ja-mecab` for Japanese, `ko-mecab` for Korean, else `13a`), so
+`score_files(src, hyp, ref, lang_pair="en-zh")` equals `sacrebleu REF -i HYP -m bleu chrf -l en-zh`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
+
+from jaxmoe.infer.generate import generate
+
+__all__ = ["read_lines", "score", "score_files", "translate", "translate_file"]
+
+PROMPT_WIDTH_MULTIPLE = 16  # prompts are left-padded to a multiple of this, so batches reuse compiled shapes
+_LANG_PAIR = re.compile(r"[a-z]{2,3}-[a-z]{2,3}")
+
+
+def read_lines(path, *, what: str) -> list[str]:
+    """A UTF-8 text file -> its segments, one per line, as the sacrebleu CLI reads them: lines end at "\\n" only,
+    and each loses its trailing whitespace (the newline, a "\\r", trailing spaces). `what` names the file in
+    errors, e.g. "--hyp file"."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; expected a UTF-8 text file with one segment "
+                                "per line")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid UTF-8 (byte {e.start}: {e.reason}); re-encode it as "
+                         "UTF-8") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's newline, or an empty file
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{what} {str(path)!r} is empty; expected one segment per line")
+    return [line.rstrip() for line in lines]
+
+
+def _check_segments(segments, what: str) -> list[str]:
+    if isinstance(segments, str) or not isinstance(segments, Sequence):
+        raise TypeError(f"{what} is a {type(segments).__name__}; expected a list of str, one segment each")
+    for i, segment in enumerate(segments):
+        if not isinstance(segment, str):
+            raise TypeError(f"{what}[{i}] is a {type(segment).__name__}; expected str")
+    return list(segments)
+
+
+def _target_language(lang_pair: str | None) -> str:
+    """The target language of "src-tgt" ('' for None, sacreBLEU's "unknown")."""
+    if lang_pair is None:
+        return ""
+    if not isinstance(lang_pair, str) or not _LANG_PAIR.fullmatch(lang_pair):
+        raise ValueError(f"lang_pair={lang_pair!r}; expected the form xx-yy: lowercase ISO 639 codes of the source "
+                         "and target languages, e.g. 'de-en' or 'en-zh'")
+    return lang_pair.split("-")[1]
+
+
+def score(hypotheses: list[str], references: list[str], *, lang_pair: str | None = None) -> dict:
+    """Corpus BLEU and chrF of line-aligned `hypotheses` against one reference each, as a JSON-able dict.
+
+    BLEU's tokenizer is the one sacreBLEU picks for the target language of `lang_pair` ("src-tgt"; None: 13a).
+    Keys: bleu, chrf (scores 0..100), bleu_signature, chrf_signature, lang_pair, segments, and BLEU's
+    bleu_precisions (1- to 4-gram, percent), bleu_bp, bleu_ratio, bleu_sys_len, bleu_ref_len, bleu_tokenizer.
+    """
+    hypotheses = _check_segments(hypotheses, "hypotheses")
+    references = _check_segments(references, "references")
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; expected one hypothesis "
+                         "per reference, line-aligned")
+    if not hypotheses:
+        raise ValueError("no segments to score; expected at least one hypothesis and reference")
+    bleu_metric, chrf_metric = BLEU(trg_lang=_target_language(lang_pair)), CHRF()
+    bleu = bleu_metric.corpus_score(hypotheses, [references])
+    chrf = chrf_metric.corpus_score(hypotheses, [references])
+    return {
+        "bleu": float(bleu.score),
+        "chrf": float(chrf.score),
+        "lang_pair": lang_pair,
+        "segments": len(hypotheses),
+        "bleu_signature": bleu_metric.get_signature().format(),
+        "chrf_signature": chrf_metric.get_signature().format(),
+        "bleu_tokenizer": bleu_metric.tokenizer.signature(),
+        "bleu_precisions": [float(p) for p in bleu.precisions],
+        "bleu_bp": float(bleu.bp),
+        "bleu_ratio": float(bleu.ratio),
+        "bleu_sys_len": int(bleu.sys_len),
+        "bleu_ref_len": int(bleu.ref_len),
+    }
+
+
+def score_files(src, hyp, ref, *, lang_pair: str | None = None) -> dict:
+    """Scores the line-aligned files `hyp` against `ref` (see `score`); `src` (or None) only has to align."""
+    files = {"--hyp file": hyp, "--ref file": ref} if src is None else {"--src file": src, "--hyp file": hyp,
+                                                                       "--ref file": ref}
+    lines = {what: read_lines(path, what=what) for what, path in files.items()}
+    if len({len(segments) for segments in lines.values()}) > 1:
+        counts = ", ".join(f"{what} {str(files[what])!r} has {len(segments)} lines"
+                           for what, segments in lines.items())
+        raise ValueError(f"the files are not line-aligned: {counts}; expected the same number of lines in each")
+    return score(lines["--hyp file"], lines["--ref file"], lang_pair=lang_pair)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}; expected an integer >= 1")
+    return int(value)
+
+
+def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], str], max_new_tokens: int,
+              batch_size: int = 32) -> list[str]:
+    """Greedy translations of `sources`, one stripped str each, in the order given.
+
+    Each source becomes `prompt(source)`, encoded with the tokenizer's special tokens (e.g. its BOS). Prompts
+    are sorted by length into batches of `batch_size` rows, left-padded to a multiple of 16 tokens, and the
+    last batch is filled up with a repeated row, so that few shapes are compiled. Each row stops at the
+    tokenizer's EOS id or any of the model config's `eos_token_id`, and is decoded without special tokens.
+    """
+    sources = _check_segments(sources, "sources")
+    batch_size = _positive_int(batch_size, "batch_size")
+    max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+    if not sources:
+        return []
+    config = model.config
+    pad_id = next((i for i in (tokenizer.pad_token_id, config.pad_token_id) if i is not None), 0)
+    config_eos = config.eos_token_id
+    config_eos = () if config_eos is None else (config_eos,) if np.isscalar(config_eos) else tuple(config_eos)
+    eos_ids = tuple(dict.fromkeys(int(i) for i in (tokenizer.eos_token_id, *config_eos) if i is not None))
+
+    prompts = []
+    for i, source in enumerate(sources):
+        text = prompt(source)
+        if not isinstance(text, str):
+            raise TypeError(f"prompt(sources[{i}]) returned a {type(text).__name__}; expected str")
+        prompts.append(text)
+    lengths = [len(tokenizer.encode(text)) for text in prompts]
+    if min(lengths) == 0:
+        empty = lengths.index(0)
+        raise ValueError(f"prompt(sources[{empty}]) = {prompts[empty]!r} encodes to no tokens; the model needs at "
+                         "least one prompt token to translate from")
+    limit = config.max_position_embeddings
+    longest = int(np.argmax(lengths))
+    if lengths[longest] + max_new_tokens > limit:
+        raise ValueError(f"source {longest} becomes a prompt of {lengths[longest]} tokens, which with "
+                         f"max_new_tokens={max_new_tokens} needs {lengths[longest] + max_new_tokens} positions, more "
+                         f"than the model's max_position_embeddings={limit}; shorten or split the source, or lower "
+                         "max_new_tokens")
+
+    order = sorted(range(len(sources)), key=lambda i: lengths[i])
+    rows = min(batch_size, len(sources))
+    outputs: list[str | None] = [None] * len(sources)
+    for start in range(0, len(order), rows):
+        members = order[start:start + rows]
+        filled = members + [members[-1]] * (rows - len(members))
+        ids, mask = tokenizer.batch_encode([prompts[i] for i in filled], pad_id=pad_id)
+        width = -(-ids.shape[1] // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        extra = min(width, limit - max_new_tokens) - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (extra, 0)))
+        tokens = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos_ids, pad_token_id=pad_id))[:, ids.shape[1]:]
+        for source_index, row in zip(members, tokens):
+            ends = np.flatnonzero(np.isin(row, eos_ids))
+            outputs[source_index] = tokenizer.decode(row[:ends[0]] if ends.size else row,
+                                                     skip_special_tokens=True).strip()
+    return outputs
+
+
+def translate_file(model, tokenizer, src_path, out_path, *, prompt: Callable[[str], str], max_new_tokens: int,
+                   batch_size: int = 32) -> list[str]:
+    """Translates each line of `src_path` (see `translate`) and writes one line per source to `out_path`,
+    atomically (a temporary file in the same folder, then os.replace). Line breaks inside a translation become
+    spaces, so the output stays line-aligned. Returns the translations as written."""
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(out_path.parent)!r} does not exist; create it first")
+    sources = read_lines(src_path, what="source file")
+    translations = [re.sub(r"\s*[\r\n]+\s*", " ", text)
+                    for text in translate(model, tokenizer, sources, prompt=prompt, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size)]
+    temp = out_path.parent / f".{out_path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temp, "x", encoding="utf-8", newline="\n") as f:
+            f.writelines(text + "\n" for text in translations)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, out_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return translations

@@ -1,0 +1,137 @@
+"""Low-rank adapters (LoRA) on a model's `nnx.Linear` layers: add, train, merge back.
+
+`apply_lora` wraps the named linear layers in place; `merge_lora` folds each adapter into its kernel and restores
+the plain `nnx.Linear`, so the merged model has the original structure (and `save_hf` writes it).
+
+The adapter matrices are `nnx.LoRAParam`, a subclass of `nnx.Param`. Filters therefore select:
+  `nnx.LoRAParam`                              the adapters only (fine-tune: `nnx.Optimizer(model, tx,
+                                               wrt=nnx.LoRAParam)`, `nnx.grad(..., argnums=nnx.DiffState(0,
+                                               nnx.LoRAParam))`);
+  `nnx.Param`                                  base weights and adapters together;
+  `nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))` the base weights only.
+
+Only `nnx.Linear` layers called through `__call__` can be targets. `lm_head` and the MoE `router` are read
+through `.kernel` directly by their owners, so a wrapper there would be skipped (and the router must stay as
+trained); MoE expert weights (`w_gate_up`, `w_down`) are raw parameter arrays, not `nnx.Linear`, and are not
+adapted either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora"]
+
+# Linear layers whose owners read `.kernel` instead of calling the layer, with the reason shown to the user.
+_UNSUPPORTED_TARGETS = {
+    "lm_head": "the model reads lm_head.kernel directly (an adapter there would be silently skipped)",
+    "router": "the MoE block reads router.kernel directly and its routing must stay as trained",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """rank r and alpha of every adapter (its update is scaled by alpha / r), and the attribute names of the
+    `nnx.Linear` layers to adapt."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRAConfig.rank is {self.rank!r}; expected an integer >= 1 (typically 4 to 64)")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRAConfig.alpha is {self.alpha!r}; expected a positive number (often 2 x rank)")
+        if isinstance(self.targets, str) or not self.targets:
+            raise ValueError(f"LoRAConfig.targets is {self.targets!r}; expected a non-empty tuple of layer names, "
+                             "e.g. ('qkv_proj', 'o_proj')")
+        for name in self.targets:
+            if name in _UNSUPPORTED_TARGETS:
+                raise ValueError(f"LoRAConfig.targets contains {name!r}, which cannot be adapted: "
+                                 f"{_UNSUPPORTED_TARGETS[name]}; remove it from targets")
+
+
+class LoRALinear(nnx.Module):
+    """y = base(x) + (x @ lora_a @ lora_b) * alpha / rank, around an existing `nnx.Linear` kept as `.base`.
+
+    x [..., in] -> y [..., out]. `lora_a` [in, r] starts as PEFT's (uniform in ±1/sqrt(in)) and `lora_b` [r, out]
+    at zero, so a fresh adapter leaves the output unchanged. The adapters are stored in float32 (PEFT's
+    autocast_adapter_dtype) so that small updates on a bf16 model are not rounded away; the adapter matmul runs
+    in the base's compute dtype.
+    """
+
+    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
+        self.base = base
+        self.scale = alpha / rank
+        # variance_scaling(1/3, fan_in, uniform) is torch's kaiming_uniform_(a=sqrt(5)), PEFT's lora_A init.
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (base.in_features, rank), jnp.float32))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, base.out_features), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        compute = self.base.dtype or y.dtype
+        update = (x.astype(compute) @ self.lora_a[...].astype(compute)) @ self.lora_b[...].astype(compute)
+        return y + (update * self.scale).astype(y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """base.kernel + lora_a @ lora_b * scale [in, out], summed in float32, in the kernel's dtype."""
+        kernel = self.base.kernel[...]
+        delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32) * self.scale
+        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def _children(model: nnx.Module, kind: type) -> list[tuple[object, str | int, nnx.Module]]:
+    """(parent, attribute name or list index, node) for every `kind` node in the graph below `model`."""
+    nodes = dict(nnx.iter_graph(model))
+    return [(nodes[path[:-1]], path[-1], node) for path, node in nodes.items()
+            if path and isinstance(node, kind)]
+
+
+def _replace(parent, key: str | int, node: nnx.Module) -> None:
+    if isinstance(key, int):
+        parent[key] = node
+    else:
+        setattr(parent, key, node)
+
+
+def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> int:
+    """Wraps, in place, every `nnx.Linear` whose attribute name is in `config.targets` in a `LoRALinear`.
+
+    Returns the number of layers wrapped. Raises ValueError when the model already has adapters, or when a
+    target names no `nnx.Linear` in the model (the message lists the names that exist).
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"apply_lora: config is a {type(config).__name__}; expected a LoRAConfig")
+    if _children(model, LoRALinear):
+        raise ValueError(f"apply_lora: this {type(model).__name__} already has LoRA adapters; call merge_lora(model) "
+                         "first to fold them in, or keep training the existing ones")
+    linears = [(parent, key, linear) for parent, key, linear in _children(model, nnx.Linear) if isinstance(key, str)]
+    existing = sorted({key for _, key, _ in linears})
+    missing = [name for name in config.targets if name not in existing]
+    if missing:
+        raise ValueError(
+            f"apply_lora: targets {missing} match no nnx.Linear attribute of this {type(model).__name__}; its "
+            f"linear layers are {existing} (not adaptable: {sorted(_UNSUPPORTED_TARGETS)}; MoE expert weights are "
+            "not nnx.Linear). Pass LoRAConfig(targets=...) with names from that list")
+    chosen = [(parent, key, linear) for parent, key, linear in linears if key in config.targets]
+    for parent, key, linear in chosen:
+        _replace(parent, key, LoRALinear(linear, rank=config.rank, alpha=config.alpha, rngs=rngs))
+    return len(chosen)
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Folds every adapter into its base kernel and puts the plain `nnx.Linear` back, in place.
+
+    Returns the number of adapters merged (0 for a model without any). Logits are unchanged up to rounding.
+    """
+    adapted = _children(model, LoRALinear)
+    for parent, key, lora in adapted:
+        lora.base.kernel[...] = lora.merged_kernel()
+        _replace(parent, key, lora.base)
+    return len(adapted)

@@ -1,0 +1,480 @@
+"""Training data: parallel and monolingual text -> tfds array_record datasets -> token batches.
+
+Text files (line-aligned pairs, ALMA JSON, or one document per line) are prepared once into a tfds data
+directory by `prepare_parallel` / `prepare_monolingual`, which return a `tfds.core.DatasetBuilder`; `load_split`
+reads a split (of those, or of a public tfds dataset prepared in array_record format) as a random-access sequence
+of str dicts. `encode_translation` / `encode_text` turn examples into (ids, loss_mask), and `BatchStream` shuffles,
+packs and batches them deterministically, with a JSON-able state to resume from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import operator
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+__all__ = ["ALMA_PROMPT", "LANGUAGE_NAMES", "BatchStream", "DataError", "MonolingualSource", "ParallelSource",
+           "PromptFormat", "Records", "encode_text", "encode_translation", "load_split", "prepare_monolingual",
+           "prepare_parallel", "tokens_in"]
+
+LANGUAGE_NAMES = {"cs": "Czech", "de": "German", "en": "English", "fr": "French", "ha": "Hausa", "is": "Icelandic",
+                  "ja": "Japanese", "ru": "Russian", "uk": "Ukrainian", "zh": "Chinese"}
+ALMA_PROMPT = "Translate this from {src_lang} to {tgt_lang}:\n{src_lang}: {src}\n{tgt_lang}:"
+
+Example = tuple[Sequence[int], Sequence[int]]  # (token ids, loss mask), the same length
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as it is: empty, misaligned, malformed, or too long."""
+
+
+# --- Sources ---------------------------------------------------------------------------------------------------
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist (or is not a file)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} {str(path)!r} is empty")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines split on '\\n' only (str.splitlines would also split on U+2028 and break alignment)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{str(path)!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _warn_skipped(skipped: list[int], total: int, where: str) -> None:
+    if skipped:
+        warnings.warn(f"{where}: skipped {len(skipped)} of {total} lines with empty text (first at line "
+                      f"{skipped[0] + 1})", stacklevel=3)
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParallelSource:
+    """Sentence pairs from line-aligned text files (`src_path`, `tgt_path`) or one ALMA JSON file (`json_path`: a
+    list of {"translation": {src_lang: ..., tgt_lang: ...}}). Languages are codes such as "de", "en"."""
+
+    src_lang: str
+    tgt_lang: str
+    src_path: str | Path | None = None
+    tgt_path: str | Path | None = None
+    json_path: str | Path | None = None
+
+    def __post_init__(self):
+        for name in ("src_lang", "tgt_lang"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"ParallelSource: {name}={getattr(self, name)!r}; expected a language code like 'de'")
+        given = (self.src_path is not None, self.tgt_path is not None, self.json_path is not None)
+        if given not in ((True, True, False), (False, False, True)):
+            raise ValueError("ParallelSource: pass either src_path and tgt_path (line-aligned text files) or "
+                             f"json_path (ALMA JSON); got src_path={self.src_path!r}, tgt_path={self.tgt_path!r}, "
+                             f"json_path={self.json_path!r}")
+        for name, what in self._files():
+            _check_file(Path(getattr(self, name)), what)
+
+    def _files(self) -> list[tuple[str, str]]:
+        if self.json_path is not None:
+            return [("json_path", "ALMA JSON file")]
+        return [("src_path", f"source-language ({self.src_lang}) text file"),
+                ("tgt_path", f"target-language ({self.tgt_lang}) text file")]
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the languages and the files' contents: it changes whenever the pairs may change."""
+        parts = [self.src_lang, self.tgt_lang] + [f"{name}={_file_digest(Path(getattr(self, name)))}"
+                                                  for name, _ in self._files()]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def read(self) -> list[tuple[int, str, str]]:
+        """[(line or entry index, source text, target text)], in file order; pairs with an empty side are skipped
+        with a warning that counts them."""
+        for name, what in self._files():
+            _check_file(Path(getattr(self, name)), what)
+        if self.json_path is not None:
+            pairs, where = self._read_json(Path(self.json_path)), str(self.json_path)
+        else:
+            src_lines, tgt_lines = _read_lines(Path(self.src_path)), _read_lines(Path(self.tgt_path))
+            if len(src_lines) != len(tgt_lines):
+                raise DataError(f"{str(self.src_path)!r} has {len(src_lines)} lines but {str(self.tgt_path)!r} has "
+                                f"{len(tgt_lines)}; the files must be line-aligned")
+            pairs, where = list(zip(src_lines, tgt_lines)), f"{self.src_path} / {self.tgt_path}"
+        skipped = [i for i, (src, tgt) in enumerate(pairs) if not src.strip() or not tgt.strip()]
+        _warn_skipped(skipped, len(pairs), where)
+        skip = set(skipped)
+        return [(i, src, tgt) for i, (src, tgt) in enumerate(pairs) if i not in skip]
+
+    def _read_json(self, path: Path) -> list[tuple[str, str]]:
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{str(path)!r} is not a JSON file: {e}") from None
+        if not isinstance(entries, list) or not entries:
+            raise DataError(f"{str(path)!r} holds {type(entries).__name__}; expected a non-empty JSON list of "
+                            '{"translation": {...}} entries')
+        pairs = []
+        for i, entry in enumerate(entries):
+            translation = entry.get("translation") if isinstance(entry, dict) else None
+            if not isinstance(translation, dict):
+                raise DataError(f"entry {i} of {str(path)!r} is {str(entry)[:80]!r}; expected "
+                                '{"translation": {...}}')
+            if not all(isinstance(translation.get(lang), str) for lang in (self.src_lang, self.tgt_lang)):
+                raise DataError(f"entry {i} of {str(path)!r} has translation keys {sorted(translation)}; expected "
+                                f"str texts under {self.src_lang!r} and {self.tgt_lang!r}")
+            pairs.append((translation[self.src_lang], translation[self.tgt_lang]))
+        return pairs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MonolingualSource:
+    """Text from one or more files, one document (or sentence) per line, read in the order given."""
+
+    paths: tuple[str | Path, ...]
+
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, (str, Path)) else tuple(self.paths)
+        if not paths:
+            raise ValueError("MonolingualSource: no paths; expected one or more text files")
+        object.__setattr__(self, "paths", paths)
+        for path in paths:
+            _check_file(Path(path), "text file")
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the files' contents, in order."""
+        return hashlib.sha256(json.dumps([_file_digest(Path(p)) for p in self.paths]).encode()).hexdigest()
+
+    def read(self) -> list[tuple[int, str]]:
+        """[(line index counted across the files, text)]; empty lines are skipped with a warning that counts them."""
+        lines = []
+        for path in self.paths:
+            _check_file(Path(path), "text file")
+            lines += _read_lines(Path(path))
+        skipped = [i for i, line in enumerate(lines) if not line.strip()]
+        _warn_skipped(skipped, len(lines), ", ".join(str(p) for p in self.paths))
+        return [(i, line) for i, line in enumerate(lines) if line.strip()]
+
+
+# --- tfds datasets ---------------------------------------------------------------------------------------------
+
+def _prepare(name: str, splits: Mapping[str, Any], source_type: type, features: dict[str, Any],
+             examples: Callable[[Any], Any], data_dir) -> tfds.core.DatasetBuilder:
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"dataset name {name!r}: expected snake_case, like 'alma_deen'")
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError(f"splits={splits!r}: expected a non-empty dict of split name -> {source_type.__name__}")
+    for split, source in splits.items():
+        if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+            raise ValueError(f"split name {split!r}: expected letters, digits, '_' or '-', like 'train'")
+        if not isinstance(source, source_type):
+            raise TypeError(f"split {split!r} is a {type(source).__name__}; expected a {source_type.__name__}")
+    # The config name carries a hash of the files' contents: changed files get a fresh directory, so stale records
+    # are never read, and unchanged files find their prepared data and are not read at all.
+    digest = hashlib.sha256(json.dumps({s: splits[s].fingerprint() for s in sorted(splits)}).encode()).hexdigest()
+    config = tfds.core.BuilderConfig(name=f"files_{digest[:16]}")
+    builder_name = name
+
+    class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = builder_name
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [config]
+        # No code folder to look for download checksums in (nothing is downloaded). tfds would otherwise inspect
+        # this module's package with the importlib_resources backport, which it needs but does not install.
+        code_path = None
+
+        def _info(self):
+            # disable_shuffling: records are written in key (= line index) order, so record i is the i-th kept line.
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                         disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(source) for split, source in splits.items()}
+
+        def _generate_examples(self, source):
+            return examples(source)
+
+    builder = Builder(config=config.name, data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()  # a no-op when this config's directory is already complete
+    return builder
+
+
+def prepare_parallel(name: str, splits: Mapping[str, ParallelSource], *, data_dir) -> tfds.core.DatasetBuilder:
+    """Prepares each split's pairs as records {"src": str, "tgt": str} in file order, under
+    data_dir/name/files_<hash of the files>/1.0.0 (array_record); reuses that directory when it is complete."""
+    def examples(source: ParallelSource):
+        return ((i, {"src": src, "tgt": tgt}) for i, src, tgt in source.read())
+    return _prepare(name, splits, ParallelSource, {"src": tfds.features.Text(), "tgt": tfds.features.Text()},
+                    examples, data_dir)
+
+
+def prepare_monolingual(name: str, splits: Mapping[str, MonolingualSource], *, data_dir
+                        ) -> tfds.core.DatasetBuilder:
+    """As `prepare_parallel`, for records {"text": str}."""
+    def examples(source: MonolingualSource):
+        return ((i, {"text": text}) for i, text in source.read())
+    return _prepare(name, splits, MonolingualSource, {"text": tfds.features.Text()}, examples, data_dir)
+
+
+class Records(Sequence):
+    """A random-access view of one split: record i as a dict with bytes decoded to str, and, given `src_lang` and
+    `tgt_lang`, translation records {src_lang: ..., tgt_lang: ...} renamed to {"src": ..., "tgt": ...}."""
+
+    def __init__(self, source: Sequence, *, src_lang: str | None = None, tgt_lang: str | None = None):
+        if (src_lang is None) != (tgt_lang is None):
+            raise ValueError(f"src_lang={src_lang!r}, tgt_lang={tgt_lang!r}: pass both or neither")
+        self._source, self._langs = source, None if src_lang is None else (src_lang, tgt_lang)
+        if self._langs and len(source):
+            keys = sorted(source[0])
+            if not set(self._langs) <= set(keys):
+                raise DataError(f"records have keys {keys}; expected the languages {src_lang!r} and {tgt_lang!r}")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in self._source[i].items()}
+        return record if self._langs is None else {"src": record[self._langs[0]], "tgt": record[self._langs[1]]}
+
+
+def load_split(builder_or_name: tfds.core.DatasetBuilder | str, split: str, *, data_dir=None, download: bool = False,
+               src_lang: str | None = None, tgt_lang: str | None = None) -> Records:
+    """One split as `Records`. A builder (from `prepare_*`) reads its own data; a name ("wmt19_translate/de-en")
+    is looked up in data_dir (default: tfds's, ~/tensorflow_datasets) and must be prepared there in array_record
+    format, unless `download` lets tfds download and prepare it (needs internet)."""
+    if isinstance(builder_or_name, tfds.core.DatasetBuilder):
+        if data_dir is not None:
+            raise ValueError("load_split: a builder knows its data_dir; pass data_dir only with a dataset name")
+        builder = builder_or_name
+    elif isinstance(builder_or_name, str):
+        where = (repr(str(data_dir)) if data_dir is not None
+                 else "tfds's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
+        missing = (f"dataset {builder_or_name!r} is not prepared in {where}; downloading it needs a machine with "
+                   "internet (pass download=True there, or prepare it elsewhere with file_format='array_record' "
+                   "and copy its data_dir here)")
+        try:
+            builder = tfds.builder(builder_or_name, data_dir=data_dir, file_format="array_record")
+        except tfds.core.registered.DatasetNotFoundError:
+            # Without TensorFlow, builders whose code imports it (e.g. wmt*_translate) are only found from files.
+            raise FileNotFoundError(missing) from None
+        if not builder.is_prepared():
+            if not download:
+                raise FileNotFoundError(missing)
+            builder.download_and_prepare()
+    else:
+        raise TypeError(f"load_split: got a {type(builder_or_name).__name__}; expected a tfds DatasetBuilder or a "
+                        "dataset name")
+    if split not in builder.info.splits:
+        raise ValueError(f"split {split!r} is not in {builder.name}; it has {sorted(builder.info.splits)}")
+    try:
+        source = builder.as_data_source(split=split)
+    except NotImplementedError as e:
+        raise DataError(f"{builder.name} in {builder.data_dir} is not in a random-access format ({e}); prepare it "
+                        "again with file_format='array_record'") from None
+    return Records(source, src_lang=src_lang, tgt_lang=tgt_lang)
+
+
+# --- Examples -> token ids -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PromptFormat:
+    """A translation prompt with {src}, {src_lang} and {tgt_lang} placeholders; languages are rendered by name
+    (LANGUAGE_NAMES, unknown codes as they are). The default is ALMA's; the target follows after a space."""
+
+    template: str = ALMA_PROMPT
+
+    def __post_init__(self):
+        try:
+            self.template.format(src="", src_lang="", tgt_lang="")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(f"PromptFormat template {self.template!r} does not format ({e!r}); use only the "
+                             "placeholders {src}, {src_lang}, {tgt_lang}") from None
+        if "{src}" not in self.template:
+            raise ValueError(f"PromptFormat template {self.template!r} has no {{src}} placeholder")
+
+    def render(self, src: str, src_lang: str, tgt_lang: str) -> str:
+        return self.template.format(src=src, src_lang=LANGUAGE_NAMES.get(src_lang, src_lang),
+                                    tgt_lang=LANGUAGE_NAMES.get(tgt_lang, tgt_lang))
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; training examples end with it")
+    return tokenizer.eos_token_id
+
+
+def encode_translation(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask): the prompt with the tokenizer's special tokens (e.g. BOS), " " + target, and EOS; the loss
+    mask is 1 on the target and EOS tokens only."""
+    eos = _eos_id(tokenizer)
+    prompt_ids = tokenizer.encode(prompt)
+    target_ids = tokenizer.encode(" " + target, add_special_tokens=False) + [eos]
+    return prompt_ids + target_ids, [0] * len(prompt_ids) + [1] * len(target_ids)
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask): the text with the tokenizer's special tokens (e.g. BOS) and EOS; loss on every token but the
+    first."""
+    ids = tokenizer.encode(text) + [_eos_id(tokenizer)]
+    return ids, [0] + [1] * (len(ids) - 1)
+
+
+# --- Batches -----------------------------------------------------------------------------------------------------
+
+class BatchStream:
+    """An endless iterator of batches, each a dict of int32 numpy arrays [batch_size, max_len]:
+
+    input_ids (pad_id on padding), loss_mask, attention_mask (1 = real token), segment_ids (1, 2, ... per example
+    within a row, 0 on padding) and positions (0, 1, ... restarting in each example, 0 on padding).
+
+    Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(n)` (identity without
+    shuffle). A batch takes examples from the current (epoch, index) on: without packing one per row; with packing
+    each goes to the first row with room for it (first fit), and the batch ends at the first example that fits no
+    row once all rows are open. That example is not consumed: it starts the next batch. Sequences are never split,
+    batches are never short (an epoch's tail continues into the next epoch), and so a batch depends only on
+    (epoch, index): `state()` / `restore()` resume exactly. Examples longer than max_len are skipped, and counted in
+    a warning at the end of each epoch.
+
+    examples: encoded (ids, loss_mask) pairs, or, with `encode`, records that `encode` turns into them when read.
+    """
+
+    def __init__(self, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int, seed: int = 0,
+                 pack: bool = False, shuffle: bool = True, encode: Callable[[Any], Example] | None = None):
+        for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 1), ("seed", seed, 0),
+                                   ("pad_id", pad_id, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+                raise ValueError(f"BatchStream: {name}={value!r}; expected an int >= {least}")
+        if not len(examples):
+            raise DataError("BatchStream: no examples")
+        self.batch_size, self.max_len, self.pad_id, self.seed = int(batch_size), int(max_len), int(pad_id), int(seed)
+        self.pack, self.shuffle = pack, shuffle
+        self._examples, self._encode, self._n = examples, encode, len(examples)
+        self._epoch = self._index = self._batches = 0
+        self._order = (-1, None)  # (epoch, permutation) of the epoch last visited
+        self._reset_drop_counts()
+
+    def state(self) -> dict[str, int]:
+        """{"epoch", "index" (next position in the epoch's order), "batches" (served so far)}: JSON-able."""
+        return {"epoch": self._epoch, "index": self._index, "batches": self._batches}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continues from `state()` of a stream over the same examples and settings."""
+        if not isinstance(state, Mapping) or set(state) != {"epoch", "index", "batches"}:
+            raise ValueError(f"BatchStream.restore: got {state!r}; expected a dict from BatchStream.state() with "
+                             "keys epoch, index, batches")
+        for key, value in state.items():
+            limit = self._n if key == "index" else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit and value >= limit):
+                raise ValueError(f"BatchStream.restore: {key}={value!r}; expected an int >= 0"
+                                 + (f" and < {limit} (the number of examples)" if limit else ""))
+        self._epoch, self._index, self._batches = state["epoch"], state["index"], state["batches"]
+        self._reset_drop_counts()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows: list[list[Example]] = []
+        room: list[int] = []
+        while len(rows) < self.batch_size or (self.pack and max(room) > 0):
+            ids, mask = self._next_fitting()
+            fits = [r for r, free in enumerate(room) if self.pack and len(ids) <= free]
+            if fits:
+                row = fits[0]
+            elif len(rows) < self.batch_size:
+                rows.append([])
+                room.append(self.max_len)
+                row = len(rows) - 1
+            else:
+                break
+            rows[row].append((ids, mask))
+            room[row] -= len(ids)
+            self._advance()
+        self._batches += 1
+        return self._assemble(rows)
+
+    def _reset_drop_counts(self) -> None:
+        """Over-long examples skipped this epoch (for its warning) and in a row (n in a row: none fits max_len)."""
+        self._dropped, self._dropped_longest = 0, 0
+        self._dropped_run, self._dropped_shortest = 0, None
+
+    def _example(self, i: int) -> Example:
+        ids, mask = self._examples[i] if self._encode is None else self._encode(self._examples[i])
+        if len(ids) != len(mask) or not len(ids):
+            raise DataError(f"example {i} has {len(ids)} ids and {len(mask)} loss_mask values; expected the same "
+                            "non-zero number")
+        return ids, mask
+
+    def _next_fitting(self) -> Example:
+        """The example at (epoch, index), after skipping (consuming) those longer than max_len."""
+        while True:
+            if self._order[0] != self._epoch:
+                order = (np.random.default_rng([self.seed, self._epoch]).permutation(self._n) if self.shuffle
+                         else np.arange(self._n))
+                self._order = (self._epoch, order)
+            ids, mask = self._example(int(self._order[1][self._index]))
+            if len(ids) <= self.max_len:
+                self._dropped_run, self._dropped_shortest = 0, None
+                return ids, mask
+            self._dropped += 1
+            self._dropped_longest = max(self._dropped_longest, len(ids))
+            self._dropped_run += 1
+            self._dropped_shortest = min(len(ids), self._dropped_shortest or len(ids))
+            if self._dropped_run >= self._n:
+                raise DataError(f"all {self._n} examples are longer than max_len={self.max_len} tokens (the "
+                                f"shortest has {self._dropped_shortest}); raise max_len")
+            self._advance()
+
+    def _advance(self) -> None:
+        self._index += 1
+        if self._index == self._n:
+            if self._dropped:
+                warnings.warn(f"BatchStream epoch {self._epoch}: skipped {self._dropped} examples longer than "
+                              f"max_len={self.max_len} tokens (the longest has {self._dropped_longest}); raise "
+                              "max_len to train on them")
+            self._epoch, self._index = self._epoch + 1, 0
+            self._dropped, self._dropped_longest = 0, 0
+
+    def _assemble(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
+        shape = (self.batch_size, self.max_len)
+        batch = {"input_ids": np.full(shape, self.pad_id, np.int32)}
+        for key in ("loss_mask", "attention_mask", "segment_ids", "positions"):
+            batch[key] = np.zeros(shape, np.int32)
+        for r, row in enumerate(rows):
+            start = 0
+            for segment, (ids, mask) in enumerate(row, 1):
+                end = start + len(ids)
+                batch["input_ids"][r, start:end] = ids
+                batch["loss_mask"][r, start:end] = mask
+                batch["attention_mask"][r, start:end] = 1
+                batch["segment_ids"][r, start:end] = segment
+                batch["positions"][r, start:end] = np.arange(len(ids))
+                start = end
+        return batch
+
+
+def tokens_in(batch: Mapping[str, np.ndarray]) -> int:
+    """Real (non-padding) tokens in a batch, for tokens/s."""
+    return int(np.asarray(batch["attention_mask"]).sum())

@@ -1,0 +1,331 @@
+"""The training run's configuration: YAML files with dotted `key=value` overrides, every key checked.
+
+A run config has sections (model, tokenizer, data, optim, checkpoint, eval, mesh) of frozen dataclasses.
+`load_run_config(path, overrides)` reads the YAML, applies overrides such as `optim.steps=200` or
+`model.overrides.num_layers=4`, and rejects any unknown key with the list of valid ones at that level.
+Presets live in experiments/configs/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxmoe.config import PRESETS, ModelConfig
+
+__all__ = ["CheckpointSection", "ConfigError", "DataSection", "EvalSection", "MeshSection", "ModelSection",
+           "OptimSection", "RunConfig", "TokenizerSection", "load_run_config", "parse_overrides", "run_config_from_dict"]
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used as written: the message names the key and what is expected."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoRASection:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSection:
+    """preset: a name from jaxmoe.PRESETS; or init_from: a Hugging Face checkpoint folder to fine-tune.
+    overrides: ModelConfig fields changed on top of the preset (not with init_from: the checkpoint fixes the
+    architecture). compute_dtype: float32 or bfloat16 (parameters always stay float32 masters)."""
+
+    preset: str | None = "tiny-moe"
+    init_from: str | None = None
+    overrides: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: str = "float32"
+    lora: LoRASection | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenizerSection:
+    """path: a folder with tokenizer.json (default: init_from's); or train a byte-level BPE of vocab_size on
+    the training text (from-scratch runs; the vocabulary then sets the model's vocab_size)."""
+
+    path: str | None = None
+    bpe_vocab_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataSection:
+    """A corpus per split. Parallel: `{src: FILE, tgt: FILE}` (line-aligned) or `{json: FILE}` (ALMA form);
+    monolingual: `{text: FILE}`; or `{tfds: NAME, split: SPLIT}` for a tensorflow-datasets name.
+    Relative paths are relative to the config file."""
+
+    train: dict = dataclasses.field(default_factory=dict)
+    valid: dict | None = None
+    test: dict | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    prompt: str = "Translate this from {src_lang} to {tgt_lang}:\n{src_lang}: {src}\n{tgt_lang}:"
+    data_dir: str | None = None
+    max_len: int = 128
+    pack: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OptimSection:
+    """AdamW with linear warmup then cosine or linear decay to final_lr_fraction x learning_rate; global-norm
+    clipping; grad_accum micro-batches of batch_size sequences (rows) per step."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.98
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointSection:
+    every: int = 100
+    keep_last: int = 3
+    keep_best: int = 1
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EvalSection:
+    """every: validation loss every that many steps (0: only at the end); translate: sentences of the test
+    split translated and scored (BLEU, chrF) at the end (0: none)."""
+
+    every: int = 100
+    translate: int = 200
+    max_new_tokens: int = 64
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeshSection:
+    """Data-parallel devices: the batch is split over `data` devices (1: no mesh)."""
+
+    data: int = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunConfig:
+    run_dir: str = "runs/train"
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+    model: ModelSection = ModelSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
+    mesh: MeshSection = MeshSection()
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value, annotation, where: str):
+    """Checks `value` against a field's annotation (resolving dataclass sections); returns the typed value."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {[f.name for f in dataclasses.fields(annotation)]}, "
+                              f"got {value!r}")
+        return _build(annotation, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + where if where else ''}: "
+                          f"{', '.join(names)}")
+    kwargs = {name: _coerce(values[name], hints[name], f"{where}.{name}" if where else name)
+              for name in names if name in values}
+    return cls(**kwargs)
+
+
+def _check(config: RunConfig) -> RunConfig:
+    m, o, d = config.model, config.optim, config.data
+    if m.init_from is None and m.preset not in PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r}; expected one of {sorted(PRESETS)} (or set model.init_from "
+                          "to a checkpoint folder)")
+    if m.init_from is not None and m.overrides:
+        raise ConfigError(f"model.overrides={m.overrides!r} with model.init_from={m.init_from!r}: the checkpoint "
+                          "fixes the architecture; remove the overrides")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(m.overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key {'model.overrides.' + unknown[0]!r}; valid keys in model.overrides "
+                          f"(ModelConfig fields): {', '.join(sorted(fields))}")
+    if m.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}; expected float32 or bfloat16")
+    if o.schedule not in ("cosine", "linear"):
+        raise ConfigError(f"optim.schedule={o.schedule!r}; expected cosine or linear")
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}={getattr(o, name)}; expected an integer >= 1")
+    if not 0 <= o.warmup_steps < o.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} with optim.steps={o.steps}; expected "
+                          "0 <= warmup_steps < steps")
+    if not o.learning_rate > 0:
+        raise ConfigError(f"optim.learning_rate={o.learning_rate}; expected a positive number")
+    if not d.train:
+        raise ConfigError("data.train is empty; give {src: FILE, tgt: FILE}, {json: FILE}, {text: FILE} or "
+                          "{tfds: NAME, split: SPLIT}")
+    if d.max_len < 8:
+        raise ConfigError(f"data.max_len={d.max_len}; expected at least 8 tokens")
+    if config.checkpoint.every < 1 or config.log_every < 1:
+        raise ConfigError("checkpoint.every and log_every must be integers >= 1")
+    if config.mesh.data < 1 or o.batch_size % config.mesh.data:
+        raise ConfigError(f"mesh.data={config.mesh.data} with optim.batch_size={o.batch_size}; expected a "
+                          "device count >= 1 that divides the batch size")
+    if m.init_from is None and config.tokenizer.path is None and config.tokenizer.bpe_vocab_size is None:
+        raise ConfigError("no tokenizer: set tokenizer.path (a folder with tokenizer.json), "
+                          "tokenizer.bpe_vocab_size (train one), or model.init_from (use the checkpoint's)")
+    return config
+
+
+def run_config_from_dict(values: dict) -> RunConfig:
+    """Builds and checks a RunConfig from nested dicts; raises ConfigError naming the first bad key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a run config is a mapping of {[f.name for f in dataclasses.fields(RunConfig)]}; "
+                          f"got {type(values).__name__}")
+    return _check(_build(RunConfig, values, ""))
+
+
+def _scalar(text: str):
+    """A YAML scalar, with exponent floats such as 1e-3 read as numbers (YAML 1.1 reads them as strings)."""
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["optim.steps=200", "data.pack=false"] -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}; expected KEY=VALUE, e.g. optim.steps=200")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[leaf] = _scalar(text)
+    return nested
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_paths(values: dict, folder: Path) -> dict:
+    """Makes data file paths and folders relative to the config file absolute."""
+    values = dict(values)
+    data = dict(values.get("data") or {})
+    for split in ("train", "valid", "test"):
+        if isinstance(data.get(split), dict):
+            data[split] = {k: str(folder / v) if k in ("src", "tgt", "json", "text") and isinstance(v, str)
+                           else v for k, v in data[split].items()}
+    if isinstance(data.get("data_dir"), str):
+        data["data_dir"] = str(folder / data["data_dir"])
+    if data:
+        values["data"] = data
+    for section, key in (("model", "init_from"), ("tokenizer", "path")):
+        sub = values.get(section)
+        if isinstance(sub, dict) and isinstance(sub.get(key), str):
+            values[section] = {**sub, key: str(folder / sub[key])}
+    return values
+
+
+def load_run_config(path: Path | str | None, overrides: list[str] = ()) -> RunConfig:
+    """Reads a YAML run config (None: defaults only) and applies `key=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist; see experiments/configs/ for presets")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(loaded).__name__}")
+        values = _resolve_paths(loaded or {}, path.parent.absolute())
+    return run_config_from_dict(_merge(values, parse_overrides(list(overrides))))

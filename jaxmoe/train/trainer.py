@@ -1,0 +1,426 @@
+"""`train(config)`: the main training job, from a RunConfig to a trained, evaluated, checkpointed model.
+
+Data (tfds) -> tokenizer (a checkpoint's or a trained BPE) -> model (preset or Hugging Face checkpoint, full or
+LoRA fine-tuning) -> AdamW steps with the MoE losses -> orbax checkpoints (async, keep-last-N plus best, exact
+resume of parameters, optimizer state, step, RNG and data position) -> metrics (JSONL, TensorBoard, progress
+bar, plots) -> at the end a Hugging Face export, validation loss and BLEU / chrF on the test split.
+
+Run folder: run_config.yaml, tokenizer/, checkpoints/<step>/, metrics.jsonl, expert_load.jsonl, tb/, loss.png,
+expert_load.png, model/ (save_hf + tokenizer), test.hyp.txt, summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxmoe.config import MoEConfig, get_preset
+from jaxmoe.io.bpe import save_tokenizer, train_bpe
+from jaxmoe.io.hf import load_hf, save_hf
+from jaxmoe.io.tokenizer import Tokenizer
+from jaxmoe.models.phi3 import Phi3ForCausalLM
+from jaxmoe.models.phimoe import PhimoeForCausalLM
+from jaxmoe.mt.eval import score, translate
+from jaxmoe.nn.lora import LoRAConfig, apply_lora, merge_lora
+from jaxmoe.train import data as data_lib
+from jaxmoe.train.checkpoint import Checkpointer
+from jaxmoe.train.loop import Batch, TrainConfig, evaluate, make_optimizer, train_step
+from jaxmoe.train.metrics import MetricsLogger, plot_expert_load, plot_losses
+from jaxmoe.train.run_config import ConfigError, RunConfig, run_config_from_dict
+
+__all__ = ["Preempted", "TrainingDivergedError", "train"]
+
+CONFIG_FILE = "run_config.yaml"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient became NaN or infinite; the checkpoints on disk stay as they were."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; the current step was checkpointed before stopping (`step` is the saved step)."""
+
+    def __init__(self, step: int, directory: Path):
+        super().__init__(f"stopped by SIGTERM after saving step {step} in {directory}; run the same command again "
+                         "to resume from it")
+        self.step = step
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def _diff(old, new, prefix=""):
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def _check_resume_config(run_dir: Path, config: RunConfig) -> None:
+    """A run folder keeps the config it was started with; resuming with another model or tokenizer is refused."""
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    new = config.to_dict()
+    fixed = {k: saved.get(k) for k in ("model", "tokenizer")}
+    changed = _diff(fixed, {k: new[k] for k in ("model", "tokenizer")})
+    if changed:
+        raise ConfigError(f"run folder {str(run_dir)!r} was started with another model or tokenizer "
+                          f"({'; '.join(changed)}); its checkpoints only resume with the config they were saved "
+                          "with: use that config or choose a new run_dir")
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def _source(spec: dict, config: RunConfig, what: str):
+    d = config.data
+    keys = set(spec)
+    if keys == {"src", "tgt"} or keys == {"json"}:
+        if not d.src_lang or not d.tgt_lang:
+            raise ConfigError(f"data.{what} is a parallel corpus; set data.src_lang and data.tgt_lang (e.g. de, en)")
+        return data_lib.ParallelSource(src_lang=d.src_lang, tgt_lang=d.tgt_lang, src_path=spec.get("src"),
+                                       tgt_path=spec.get("tgt"), json_path=spec.get("json"))
+    if keys == {"text"}:
+        return data_lib.MonolingualSource(spec["text"])
+    if keys == {"tfds", "split"}:
+        return spec
+    raise ConfigError(f"data.{what}={spec!r}; expected {{src: FILE, tgt: FILE}}, {{json: FILE}}, {{text: FILE}} or "
+                      "{tfds: NAME, split: SPLIT}")
+
+
+def load_records(config: RunConfig, data_dir: Path) -> dict[str, data_lib.Records]:
+    """Prepares the configured splits with tfds (once) and returns each as random-access records."""
+    d = config.data
+    specs = {name: spec for name, spec in (("train", d.train), ("valid", d.valid), ("test", d.test)) if spec}
+    sources = {name: _source(spec, config, name) for name, spec in specs.items()}
+    records = {}
+    local = {name: s for name, s in sources.items() if not isinstance(s, dict)}
+    parallel = {n: s for n, s in local.items() if isinstance(s, data_lib.ParallelSource)}
+    mono = {n: s for n, s in local.items() if isinstance(s, data_lib.MonolingualSource)}
+    if parallel and mono:
+        raise ConfigError("data splits mix parallel and monolingual corpora; use one kind for all splits")
+    if parallel:
+        builder = data_lib.prepare_parallel("jaxmoe_parallel", parallel, data_dir=data_dir)
+        records.update({n: data_lib.load_split(builder, n) for n in parallel})
+    if mono:
+        builder = data_lib.prepare_monolingual("jaxmoe_text", mono, data_dir=data_dir)
+        records.update({n: data_lib.load_split(builder, n) for n in mono})
+    for name, spec in sources.items():
+        if isinstance(spec, dict):
+            records[name] = data_lib.load_split(spec["tfds"], spec["split"], data_dir=d.data_dir,
+                                                src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+    return records
+
+
+def _is_parallel(records) -> bool:
+    return "src" in records[0]
+
+
+def _encoder(config: RunConfig, tokenizer: Tokenizer, parallel: bool) -> Callable[[dict], tuple]:
+    if not parallel:
+        return lambda record: data_lib.encode_text(tokenizer, record["text"])
+    prompt = data_lib.PromptFormat(config.data.prompt)
+    d = config.data
+    return lambda record: data_lib.encode_translation(tokenizer, prompt.render(record["src"], d.src_lang, d.tgt_lang),
+                                                      record["tgt"])
+
+
+def eval_batches(examples: list[tuple], *, batch_size: int, max_len: int, pad_id: int) -> list[Batch]:
+    """Every example once (those over max_len skipped), right-padded to [batch_size, max_len]; the last batch is
+    filled with empty rows, so one compiled shape serves all."""
+    fitting = [e for e in examples if len(e[0]) <= max_len]
+    batches = []
+    for start in range(0, len(fitting), batch_size):
+        ids = np.full((batch_size, max_len), pad_id, np.int32)
+        loss_mask = np.zeros((batch_size, max_len), np.int32)
+        attention = np.zeros((batch_size, max_len), np.int32)
+        for row, (tokens, mask) in enumerate(fitting[start:start + batch_size]):
+            ids[row, :len(tokens)], loss_mask[row, :len(tokens)], attention[row, :len(tokens)] = tokens, mask, 1
+        batches.append(Batch(jnp.asarray(ids), jnp.asarray(loss_mask), jnp.asarray(attention)))
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ model, tokenizer
+
+
+def _tokenizer(config: RunConfig, run_dir: Path, records) -> Tokenizer:
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        return Tokenizer.from_folder(saved)
+    t = config.tokenizer
+    if t.path is not None or config.model.init_from is not None:
+        folder = Path(t.path or config.model.init_from)
+        if not (folder / "tokenizer.json").exists():
+            raise FileNotFoundError(f"no tokenizer.json in {str(folder)!r}; set tokenizer.path to a folder with one, "
+                                    "or tokenizer.bpe_vocab_size to train a BPE")
+        tokenizer = Tokenizer.from_folder(folder)
+    else:
+        train = records["train"]
+        texts = ([r["src"] for r in train] + [r["tgt"] for r in train]) if _is_parallel(train) else \
+            [r["text"] for r in train]
+        tokenizer = train_bpe(texts, vocab_size=t.bpe_vocab_size)
+    save_tokenizer(tokenizer, saved)
+    return tokenizer
+
+
+def build_model(config: RunConfig, tokenizer: Tokenizer) -> Phi3ForCausalLM:
+    """The model the config describes, in training mode; LoRA adapters added when configured."""
+    m = config.model
+    compute = jnp.dtype(m.compute_dtype)
+    if m.init_from is not None:
+        model = load_hf(m.init_from, dtype=jnp.float32, compute_dtype=compute)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint {m.init_from!r} has "
+                              f"vocab_size={model.config.vocab_size}; the tokenizer does not belong to the checkpoint")
+    else:
+        preset = get_preset(m.preset)
+        overrides = dict(m.overrides)
+        if isinstance(overrides.get("moe"), dict):  # e.g. {num_experts: 8}: changes on top of the preset's MoE
+            overrides["moe"] = dataclasses.replace(preset.moe or MoEConfig(), **overrides["moe"])
+        model_config = preset.replace(
+            vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, **overrides)
+        model_class = Phi3ForCausalLM if model_config.moe is None else PhimoeForCausalLM
+        model = model_class(model_config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+    needed = config.data.max_len
+    if model.config.max_position_embeddings < needed:
+        raise ConfigError(f"data.max_len={needed} exceeds the model's max_position_embeddings="
+                          f"{model.config.max_position_embeddings}; lower data.max_len or raise "
+                          "model.overrides.max_position_embeddings")
+    if m.lora is not None:
+        apply_lora(model, LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=m.lora.targets),
+                   rngs=nnx.Rngs(config.seed + 1))
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An Event set on SIGTERM (TPU preemption) while the block runs; the loop saves and stops at the next step."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _mesh(config: RunConfig):
+    if config.mesh.data == 1:
+        return None
+    devices = jax.device_count()
+    if config.mesh.data > devices:
+        raise ConfigError(f"mesh.data={config.mesh.data} but only {devices} devices are visible")
+    return jax.make_mesh((config.mesh.data,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _place(tree, mesh, spec):
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def _validation(model, batches) -> dict[str, float]:
+    model.eval()
+    try:
+        result = evaluate(model, batches)
+    finally:
+        model.train()
+    return result
+
+
+def prepare(config: RunConfig, *, log: Callable[[str], None] = print) -> tuple[dict, Tokenizer]:
+    """Checks the run folder against the config (a resumed run keeps its model), records the config, prepares
+    the data with tfds (once; data.data_dir or run_dir/tfds) and the tokenizer (run_dir/tokenizer).
+    Returns (records per split, tokenizer)."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume_config(run_dir, config)
+    _write_atomic(run_dir / CONFIG_FILE, config.to_yaml())
+    data_dir = Path(config.data.data_dir) if config.data.data_dir else run_dir / "tfds"
+    tfds.disable_progress_bar()
+    records = load_records(config, data_dir)
+    tokenizer = _tokenizer(config, run_dir, records)
+    log(f"data: {', '.join(f'{name} {len(r):,}' for name, r in records.items())} examples; tokenizer "
+        f"{tokenizer.vocab_size:,} ids")
+    return records, tokenizer
+
+
+def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) the training job `config` describes; returns the summary written to summary.json.
+
+    Raises TrainingDivergedError on a NaN/inf loss or gradient (nothing saved for that step), Preempted after
+    saving on SIGTERM, ConfigError / data_lib.DataError / FileNotFoundError for bad configs and inputs.
+    """
+    if isinstance(config, dict):
+        config = run_config_from_dict(config)
+    started = time.perf_counter()
+    run_dir = Path(config.run_dir)
+    records, tokenizer = prepare(config, log=log)
+    parallel = _is_parallel(records["train"])
+    model = build_model(config, tokenizer)
+    encode = _encoder(config, tokenizer, parallel)
+    o, d = config.optim, config.data
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = data_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
+                                  seed=config.seed, pack=d.pack, encode=encode)
+    valid = None
+    if "valid" in records:
+        valid_examples = [encode(r) for r in records["valid"]]
+        valid = eval_batches(valid_examples, batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id)
+        if not valid:
+            raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
+
+    wrt = nnx.LoRAParam if config.model.lora is not None else nnx.Param
+    optimizer = make_optimizer(model, TrainConfig(
+        learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=o.steps,
+        final_lr_fraction=o.final_lr_fraction, weight_decay=o.weight_decay, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
+        schedule=o.schedule), wrt=wrt)
+    c = config.checkpoint
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=c.keep_last, keep_best=c.keep_best,
+                                best_metric="valid_loss", async_save=c.async_save)
+    restored = checkpointer.restore_latest(model, optimizer)
+    start = 0
+    if restored is not None:
+        start = restored.step
+        stream.restore(restored["data"])
+        log(f"resumed from step {start} in {checkpointer.directory}")
+    mesh = _mesh(config)
+    if mesh is not None:
+        nnx.update(model, _place(nnx.state(model), mesh, P()))
+        nnx.update(optimizer, _place(nnx.state(optimizer), mesh, P()))
+        valid = None if valid is None else [_place(b, mesh, P("data")) for b in valid]
+
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+    log(f"model {model.config.model_type}: {n_params:,} parameters ({n_trained:,} trained); "
+        f"{len(records['train']):,} training examples; steps {start}->{o.steps} of {o.batch_size}x{o.grad_accum} "
+        f"rows of {d.max_len} tokens; run folder {run_dir}")
+    base_key = jax.random.key(config.seed)
+    is_moe = model.config.moe is not None
+    load_sum, load_count = None, 0
+    valid_loss = math.nan
+    with MetricsLogger(run_dir, total_steps=o.steps, start_step=start, progress=config.progress) as logger, \
+            _sigterm_flag() as sigterm:
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start + 1, o.steps + 1):
+            micro = [next(stream) for _ in range(o.grad_accum)]
+            arrays = {k: np.stack([m[k] for m in micro]) if o.grad_accum > 1 else micro[0][k] for k in micro[0]}
+            batch = Batch(**{k: arrays[k] for k in Batch._fields})
+            batch = _place(jax.tree.map(jnp.asarray, batch), mesh,
+                           P(None, "data") if o.grad_accum > 1 else P("data"))
+            metrics = train_step(model, optimizer, batch, nnx.Rngs(jax.random.fold_in(base_key, step)))
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                checkpointer.wait()
+                saved = checkpointer.steps()
+                last = f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}" if saved else \
+                    "no checkpoint was saved before it"
+                checkpointer.close()
+                raise TrainingDivergedError(
+                    f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; {last}, left as it "
+                    "was. Lower optim.learning_rate or raise optim.warmup_steps, then resume or start over")
+            window_tokens += int(np.sum(arrays["attention_mask"]))
+            load = np.asarray(metrics["expert_load"]) if is_moe else None
+            if load is not None:
+                load_sum = load if load_sum is None else load_sum + load
+                load_count += 1
+            elapsed = time.perf_counter() - window_start
+            logger.progress_update(step, loss=loss, tokens_per_second=window_tokens / max(elapsed, 1e-9),
+                                   learning_rate=float(metrics["learning_rate"]), expert_load_le=load)
+            if step % config.log_every == 0 or step == o.steps:
+                scalars = {k: float(v) for k, v in metrics.items() if k != "expert_load"}
+                scalars["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+                logger.log(step, scalars)
+                if load_sum is not None:
+                    logger.log_expert_load(step, load_sum / load_count)
+                    load_sum, load_count = None, 0
+                window_tokens, window_start = 0, time.perf_counter()
+            evaluated = {}
+            if valid is not None and ((config.eval.every and step % config.eval.every == 0) or step == o.steps):
+                result = _validation(model, valid)
+                valid_loss = result["loss"]
+                evaluated = {"valid_loss": valid_loss}
+                logger.log(step, {"loss": valid_loss, "accuracy": result["accuracy"]}, split="valid")
+            if step % c.every == 0 or step == o.steps or sigterm.is_set():
+                checkpointer.save(step, model, optimizer, {"data": stream.state(), "seed": config.seed},
+                                  metrics=evaluated)
+            if sigterm.is_set():
+                checkpointer.close()
+                raise Preempted(step, checkpointer.directory)
+    checkpointer.close()
+    train_seconds = time.perf_counter() - started
+    return _finish(config, run_dir, model, tokenizer, records, valid, train_seconds, log)
+
+
+def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, records, valid, train_seconds, log) -> dict:
+    """Export, plots, validation and test scores, summary.json."""
+    model.eval()
+    summary = {"run_dir": str(run_dir), "steps": config.optim.steps, "train_seconds": round(train_seconds, 1),
+               "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
+               "experts": model.config.moe.num_experts if model.config.moe is not None else 0}
+    if valid is not None:
+        result = evaluate(model, valid)
+        summary.update(valid_loss=result["loss"], valid_accuracy=result["accuracy"])
+    plot_losses(run_dir)
+    if model.config.moe is not None:
+        from jaxmoe.train.metrics import read_expert_load
+        history = read_expert_load(run_dir)
+        if history:
+            plot_expert_load(np.mean([load for _, load in history], axis=0), run_dir / "expert_load.png",
+                             title="Expert load per layer, averaged over training")
+    if "test" in records and config.eval.translate and _is_parallel(records["test"]):
+        d = config.data
+        test = records["test"]
+        n = min(config.eval.translate, len(test))
+        sources = [test[i]["src"] for i in range(n)]
+        references = [test[i]["tgt"] for i in range(n)]
+        prompt = data_lib.PromptFormat(d.prompt)
+        hypotheses = translate(model, tokenizer, sources, prompt=lambda s: prompt.render(s, d.src_lang, d.tgt_lang),
+                               max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+        _write_atomic(run_dir / "test.hyp.txt", "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
+        scores = score(hypotheses, references, lang_pair=f"{d.src_lang}-{d.tgt_lang}")
+        summary.update(test_sentences=n, test_bleu=scores["bleu"], test_chrf=scores["chrf"],
+                       bleu_signature=scores["bleu_signature"])
+        summary["samples"] = [{"source": s, "hypothesis": h, "reference": r}
+                              for s, h, r in list(zip(sources, hypotheses, references))[:5]]
+    export = run_dir / "model"
+    if config.model.lora is not None:
+        merge_lora(model)
+    save_hf(model, export, overwrite=True)
+    save_tokenizer(tokenizer, export)
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    log(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'samples'}, ensure_ascii=False)}")
+    return summary
