@@ -48,7 +48,7 @@ def _build_parser() -> _Parser:
         "demo", help="train a tiny GRIN-style MoE translator on a generated corpus and evaluate it",
         description="Generates an English -> Zentish parallel corpus (a rule-based language with its own lexicon, "
                     "SOV order, agreement), trains a BPE tokenizer and a tiny GRIN-style MoE (SparseMixer routing) "
-                    "on it (about three minutes on 2 CPU cores), scores test translations with BLEU and chrF before "
+                    "on it (about two and a half minutes on 2 CPU cores), scores test translations with BLEU and chrF before "
                     "and after training, and writes the checkpoint, plots, metrics and translations to the run "
                     "folder.")
     demo.add_argument("--out", type=Path, default=None,
@@ -60,7 +60,7 @@ def _build_parser() -> _Parser:
     train = commands.add_parser(
         "train", help="train or fine-tune from a YAML run config (resumes when the run folder has checkpoints)",
         description="Runs the training job a YAML run config describes (presets in experiments/configs/): tfds "
-                    "data, tokenizer, model (preset or --init_from checkpoint, full or LoRA), AdamW, orbax "
+                    "data, tokenizer, model (a preset, or a checkpoint via model.init_from; full or LoRA), AdamW, orbax "
                     "checkpoints, metrics, plots, and at the end validation loss, test BLEU/chrF and a Hugging "
                     "Face export in the run folder. Run it again on the same run folder to resume exactly; SIGTERM "
                     "saves a checkpoint before exiting.")
@@ -143,7 +143,7 @@ def _run_eval_mt(args) -> int:
 
 def _run_translate(args) -> int:
     from jaxmoe.mt.eval import translate_file
-    from jaxmoe.train.data import ALMA_PROMPT, PromptFormat
+    from jaxmoe.train.batches import ALMA_PROMPT, PromptFormat
 
     if not (args.model / "tokenizer.json").is_file():
         raise UsageError(f"--model {str(args.model)!r} has no tokenizer.json; expected a checkpoint folder with "

@@ -1,10 +1,9 @@
-"""Training data: parallel and monolingual text -> tfds array_record datasets -> token batches.
+"""Training data: parallel and monolingual text -> tfds array_record datasets -> random-access records.
 
 Text files (line-aligned pairs, ALMA JSON, or one document per line) are prepared once into a tfds data
 directory by `prepare_parallel` / `prepare_monolingual`, which return a `tfds.core.DatasetBuilder`; `load_split`
 reads a split (of those, or of a public tfds dataset prepared in array_record format) as a random-access sequence
-of str dicts. `encode_translation` / `encode_text` turn examples into (ids, loss_mask), and `BatchStream` shuffles,
-packs and batches them deterministically, with a JSON-able state to resume from.
+of str dicts. `jaxmoe.train.batches` turns records into token batches.
 """
 
 from __future__ import annotations
@@ -22,15 +21,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["ALMA_PROMPT", "LANGUAGE_NAMES", "BatchStream", "DataError", "MonolingualSource", "ParallelSource",
-           "PromptFormat", "Records", "encode_text", "encode_translation", "load_split", "prepare_monolingual",
-           "prepare_parallel", "tokens_in"]
-
-LANGUAGE_NAMES = {"cs": "Czech", "de": "German", "en": "English", "fr": "French", "ha": "Hausa", "is": "Icelandic",
-                  "ja": "Japanese", "ru": "Russian", "uk": "Ukrainian", "zh": "Chinese"}
-ALMA_PROMPT = "Translate this from {src_lang} to {tgt_lang}:\n{src_lang}: {src}\n{tgt_lang}:"
-
-Example = tuple[Sequence[int], Sequence[int]]  # (token ids, loss mask), the same length
+__all__ = ["DataError", "MonolingualSource", "ParallelSource", "Records", "load_split", "prepare_monolingual",
+           "prepare_parallel"]
 
 
 class DataError(ValueError):
@@ -278,7 +270,10 @@ def load_split(builder_or_name: tfds.core.DatasetBuilder | str, split: str, *, d
             builder = tfds.builder(builder_or_name, data_dir=data_dir, file_format="array_record")
         except tfds.core.registered.DatasetNotFoundError:
             # Without TensorFlow, builders whose code imports it (e.g. wmt*_translate) are only found from files.
-            raise FileNotFoundError(missing) from None
+            raise FileNotFoundError(
+                f"{missing}. Note: tfds finds no builder named {builder_or_name!r} here; the builders of some public "
+                "datasets (e.g. wmt*_translate) import TensorFlow, so preparing them needs `pip install "
+                "tensorflow` on the machine that downloads; reading the prepared array_record files does not") from None
         if not builder.is_prepared():
             if not download:
                 raise FileNotFoundError(missing)
@@ -294,187 +289,3 @@ def load_split(builder_or_name: tfds.core.DatasetBuilder | str, split: str, *, d
         raise DataError(f"{builder.name} in {builder.data_dir} is not in a random-access format ({e}); prepare it "
                         "again with file_format='array_record'") from None
     return Records(source, src_lang=src_lang, tgt_lang=tgt_lang)
-
-
-# --- Examples -> token ids -------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PromptFormat:
-    """A translation prompt with {src}, {src_lang} and {tgt_lang} placeholders; languages are rendered by name
-    (LANGUAGE_NAMES, unknown codes as they are). The default is ALMA's; the target follows after a space."""
-
-    template: str = ALMA_PROMPT
-
-    def __post_init__(self):
-        try:
-            self.template.format(src="", src_lang="", tgt_lang="")
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise ValueError(f"PromptFormat template {self.template!r} does not format ({e!r}); use only the "
-                             "placeholders {src}, {src_lang}, {tgt_lang}") from None
-        if "{src}" not in self.template:
-            raise ValueError(f"PromptFormat template {self.template!r} has no {{src}} placeholder")
-
-    def render(self, src: str, src_lang: str, tgt_lang: str) -> str:
-        return self.template.format(src=src, src_lang=LANGUAGE_NAMES.get(src_lang, src_lang),
-                                    tgt_lang=LANGUAGE_NAMES.get(tgt_lang, tgt_lang))
-
-
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; training examples end with it")
-    return tokenizer.eos_token_id
-
-
-def encode_translation(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask): the prompt with the tokenizer's special tokens (e.g. BOS), " " + target, and EOS; the loss
-    mask is 1 on the target and EOS tokens only."""
-    eos = _eos_id(tokenizer)
-    prompt_ids = tokenizer.encode(prompt)
-    target_ids = tokenizer.encode(" " + target, add_special_tokens=False) + [eos]
-    return prompt_ids + target_ids, [0] * len(prompt_ids) + [1] * len(target_ids)
-
-
-def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask): the text with the tokenizer's special tokens (e.g. BOS) and EOS; loss on every token but the
-    first."""
-    ids = tokenizer.encode(text) + [_eos_id(tokenizer)]
-    return ids, [0] + [1] * (len(ids) - 1)
-
-
-# --- Batches -----------------------------------------------------------------------------------------------------
-
-class BatchStream:
-    """An endless iterator of batches, each a dict of int32 numpy arrays [batch_size, max_len]:
-
-    input_ids (pad_id on padding), loss_mask, attention_mask (1 = real token), segment_ids (1, 2, ... per example
-    within a row, 0 on padding) and positions (0, 1, ... restarting in each example, 0 on padding).
-
-    Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(n)` (identity without
-    shuffle). A batch takes examples from the current (epoch, index) on: without packing one per row; with packing
-    each goes to the first row with room for it (first fit), and the batch ends at the first example that fits no
-    row once all rows are open. That example is not consumed: it starts the next batch. Sequences are never split,
-    batches are never short (an epoch's tail continues into the next epoch), and so a batch depends only on
-    (epoch, index): `state()` / `restore()` resume exactly. Examples longer than max_len are skipped, and counted in
-    a warning at the end of each epoch.
-
-    examples: encoded (ids, loss_mask) pairs, or, with `encode`, records that `encode` turns into them when read.
-    """
-
-    def __init__(self, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int, seed: int = 0,
-                 pack: bool = False, shuffle: bool = True, encode: Callable[[Any], Example] | None = None):
-        for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 1), ("seed", seed, 0),
-                                   ("pad_id", pad_id, 0)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-                raise ValueError(f"BatchStream: {name}={value!r}; expected an int >= {least}")
-        if not len(examples):
-            raise DataError("BatchStream: no examples")
-        self.batch_size, self.max_len, self.pad_id, self.seed = int(batch_size), int(max_len), int(pad_id), int(seed)
-        self.pack, self.shuffle = pack, shuffle
-        self._examples, self._encode, self._n = examples, encode, len(examples)
-        self._epoch = self._index = self._batches = 0
-        self._order = (-1, None)  # (epoch, permutation) of the epoch last visited
-        self._reset_drop_counts()
-
-    def state(self) -> dict[str, int]:
-        """{"epoch", "index" (next position in the epoch's order), "batches" (served so far)}: JSON-able."""
-        return {"epoch": self._epoch, "index": self._index, "batches": self._batches}
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continues from `state()` of a stream over the same examples and settings."""
-        if not isinstance(state, Mapping) or set(state) != {"epoch", "index", "batches"}:
-            raise ValueError(f"BatchStream.restore: got {state!r}; expected a dict from BatchStream.state() with "
-                             "keys epoch, index, batches")
-        for key, value in state.items():
-            limit = self._n if key == "index" else None
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit and value >= limit):
-                raise ValueError(f"BatchStream.restore: {key}={value!r}; expected an int >= 0"
-                                 + (f" and < {limit} (the number of examples)" if limit else ""))
-        self._epoch, self._index, self._batches = state["epoch"], state["index"], state["batches"]
-        self._reset_drop_counts()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows: list[list[Example]] = []
-        room: list[int] = []
-        while len(rows) < self.batch_size or (self.pack and max(room) > 0):
-            ids, mask = self._next_fitting()
-            fits = [r for r, free in enumerate(room) if self.pack and len(ids) <= free]
-            if fits:
-                row = fits[0]
-            elif len(rows) < self.batch_size:
-                rows.append([])
-                room.append(self.max_len)
-                row = len(rows) - 1
-            else:
-                break
-            rows[row].append((ids, mask))
-            room[row] -= len(ids)
-            self._advance()
-        self._batches += 1
-        return self._assemble(rows)
-
-    def _reset_drop_counts(self) -> None:
-        """Over-long examples skipped this epoch (for its warning) and in a row (n in a row: none fits max_len)."""
-        self._dropped, self._dropped_longest = 0, 0
-        self._dropped_run, self._dropped_shortest = 0, None
-
-    def _example(self, i: int) -> Example:
-        ids, mask = self._examples[i] if self._encode is None else self._encode(self._examples[i])
-        if len(ids) != len(mask) or not len(ids):
-            raise DataError(f"example {i} has {len(ids)} ids and {len(mask)} loss_mask values; expected the same "
-                            "non-zero number")
-        return ids, mask
-
-    def _next_fitting(self) -> Example:
-        """The example at (epoch, index), after skipping (consuming) those longer than max_len."""
-        while True:
-            if self._order[0] != self._epoch:
-                order = (np.random.default_rng([self.seed, self._epoch]).permutation(self._n) if self.shuffle
-                         else np.arange(self._n))
-                self._order = (self._epoch, order)
-            ids, mask = self._example(int(self._order[1][self._index]))
-            if len(ids) <= self.max_len:
-                self._dropped_run, self._dropped_shortest = 0, None
-                return ids, mask
-            self._dropped += 1
-            self._dropped_longest = max(self._dropped_longest, len(ids))
-            self._dropped_run += 1
-            self._dropped_shortest = min(len(ids), self._dropped_shortest or len(ids))
-            if self._dropped_run >= self._n:
-                raise DataError(f"all {self._n} examples are longer than max_len={self.max_len} tokens (the "
-                                f"shortest has {self._dropped_shortest}); raise max_len")
-            self._advance()
-
-    def _advance(self) -> None:
-        self._index += 1
-        if self._index == self._n:
-            if self._dropped:
-                warnings.warn(f"BatchStream epoch {self._epoch}: skipped {self._dropped} examples longer than "
-                              f"max_len={self.max_len} tokens (the longest has {self._dropped_longest}); raise "
-                              "max_len to train on them")
-            self._epoch, self._index = self._epoch + 1, 0
-            self._dropped, self._dropped_longest = 0, 0
-
-    def _assemble(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
-        shape = (self.batch_size, self.max_len)
-        batch = {"input_ids": np.full(shape, self.pad_id, np.int32)}
-        for key in ("loss_mask", "attention_mask", "segment_ids", "positions"):
-            batch[key] = np.zeros(shape, np.int32)
-        for r, row in enumerate(rows):
-            start = 0
-            for segment, (ids, mask) in enumerate(row, 1):
-                end = start + len(ids)
-                batch["input_ids"][r, start:end] = ids
-                batch["loss_mask"][r, start:end] = mask
-                batch["attention_mask"][r, start:end] = 1
-                batch["segment_ids"][r, start:end] = segment
-                batch["positions"][r, start:end] = np.arange(len(ids))
-                start = end
-        return batch
-
-
-def tokens_in(batch: Mapping[str, np.ndarray]) -> int:
-    """Real (non-padding) tokens in a batch, for tokens/s."""
-    return int(np.asarray(batch["attention_mask"]).sum())

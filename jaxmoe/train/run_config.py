@@ -59,7 +59,8 @@ class TokenizerSection:
 class DataSection:
     """A corpus per split. Parallel: `{src: FILE, tgt: FILE}` (line-aligned) or `{json: FILE}` (ALMA form);
     monolingual: `{text: FILE}`; or `{tfds: NAME, split: SPLIT}` for a tensorflow-datasets name.
-    Relative paths are relative to the config file."""
+    Relative paths are relative to the config file. download: let tfds download and prepare a {tfds: NAME}
+    split that data_dir lacks (needs internet)."""
 
     train: dict = dataclasses.field(default_factory=dict)
     valid: dict | None = None
@@ -68,6 +69,7 @@ class DataSection:
     tgt_lang: str | None = None
     prompt: str = "Translate this from {src_lang} to {tgt_lang}:\n{src_lang}: {src}\n{tgt_lang}:"
     data_dir: str | None = None
+    download: bool = False
     max_len: int = 128
     pack: bool = True
 
@@ -241,8 +243,15 @@ def _check(config: RunConfig) -> RunConfig:
                           "{tfds: NAME, split: SPLIT}")
     if d.max_len < 8:
         raise ConfigError(f"data.max_len={d.max_len}; expected at least 8 tokens")
-    if config.checkpoint.every < 1 or config.log_every < 1:
-        raise ConfigError("checkpoint.every and log_every must be integers >= 1")
+    minimums = {"checkpoint.every": (config.checkpoint.every, 1), "checkpoint.keep_last": (config.checkpoint.keep_last, 1),
+                "checkpoint.keep_best": (config.checkpoint.keep_best, 0), "log_every": (config.log_every, 1),
+                "eval.every": (config.eval.every, 0), "eval.translate": (config.eval.translate, 0),
+                "eval.max_new_tokens": (config.eval.max_new_tokens, 1), "eval.batch_size": (config.eval.batch_size, 1)}
+    if m.lora is not None:
+        minimums["model.lora.rank"] = (m.lora.rank, 1)
+    for name, (value, least) in minimums.items():
+        if value < least:
+            raise ConfigError(f"{name}={value}; expected an integer >= {least}")
     if config.mesh.data < 1 or o.batch_size % config.mesh.data:
         raise ConfigError(f"mesh.data={config.mesh.data} with optim.batch_size={o.batch_size}; expected a "
                           "device count >= 1 that divides the batch size")

@@ -38,10 +38,11 @@ from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
 from jaxmoe.mt.eval import score, translate
 from jaxmoe.nn.lora import LoRAConfig, apply_lora, merge_lora
+from jaxmoe.train import batches as batch_lib
 from jaxmoe.train import data as data_lib
 from jaxmoe.train.checkpoint import Checkpointer
 from jaxmoe.train.loop import Batch, TrainConfig, evaluate, make_optimizer, train_step
-from jaxmoe.train.metrics import MetricsLogger, plot_expert_load, plot_losses
+from jaxmoe.train.metrics import MetricsLogger, plot_expert_load, plot_losses, read_expert_load
 from jaxmoe.train.run_config import ConfigError, RunConfig, run_config_from_dict
 
 __all__ = ["Preempted", "TrainingDivergedError", "train"]
@@ -136,7 +137,7 @@ def load_records(config: RunConfig, data_dir: Path) -> dict[str, data_lib.Record
     for name, spec in sources.items():
         if isinstance(spec, dict):
             records[name] = data_lib.load_split(spec["tfds"], spec["split"], data_dir=d.data_dir,
-                                                src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+                                                download=d.download, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
     return records
 
 
@@ -146,26 +147,11 @@ def _is_parallel(records) -> bool:
 
 def _encoder(config: RunConfig, tokenizer: Tokenizer, parallel: bool) -> Callable[[dict], tuple]:
     if not parallel:
-        return lambda record: data_lib.encode_text(tokenizer, record["text"])
-    prompt = data_lib.PromptFormat(config.data.prompt)
+        return lambda record: batch_lib.encode_text(tokenizer, record["text"])
+    prompt = batch_lib.PromptFormat(config.data.prompt)
     d = config.data
-    return lambda record: data_lib.encode_translation(tokenizer, prompt.render(record["src"], d.src_lang, d.tgt_lang),
+    return lambda record: batch_lib.encode_translation(tokenizer, prompt.render(record["src"], d.src_lang, d.tgt_lang),
                                                       record["tgt"])
-
-
-def eval_batches(examples: list[tuple], *, batch_size: int, max_len: int, pad_id: int) -> list[Batch]:
-    """Every example once (those over max_len skipped), right-padded to [batch_size, max_len]; the last batch is
-    filled with empty rows, so one compiled shape serves all."""
-    fitting = [e for e in examples if len(e[0]) <= max_len]
-    batches = []
-    for start in range(0, len(fitting), batch_size):
-        ids = np.full((batch_size, max_len), pad_id, np.int32)
-        loss_mask = np.zeros((batch_size, max_len), np.int32)
-        attention = np.zeros((batch_size, max_len), np.int32)
-        for row, (tokens, mask) in enumerate(fitting[start:start + batch_size]):
-            ids[row, :len(tokens)], loss_mask[row, :len(tokens)], attention[row, :len(tokens)] = tokens, mask, 1
-        batches.append(Batch(jnp.asarray(ids), jnp.asarray(loss_mask), jnp.asarray(attention)))
-    return batches
 
 
 # ------------------------------------------------------------------------------------------ model, tokenizer
@@ -294,12 +280,13 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     encode = _encoder(config, tokenizer, parallel)
     o, d = config.optim, config.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = data_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
+    stream = batch_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
                                   seed=config.seed, pack=d.pack, encode=encode)
     valid = None
     if "valid" in records:
         valid_examples = [encode(r) for r in records["valid"]]
-        valid = eval_batches(valid_examples, batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id)
+        valid = [Batch(**{k: jnp.asarray(v) for k, v in b.items()}) for b in batch_lib.eval_batches(
+            valid_examples, batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id)]
         if not valid:
             raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
 
@@ -396,7 +383,6 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
         summary.update(valid_loss=result["loss"], valid_accuracy=result["accuracy"])
     plot_losses(run_dir)
     if model.config.moe is not None:
-        from jaxmoe.train.metrics import read_expert_load
         history = read_expert_load(run_dir)
         if history:
             plot_expert_load(np.mean([load for _, load in history], axis=0), run_dir / "expert_load.png",
@@ -407,7 +393,7 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
         n = min(config.eval.translate, len(test))
         sources = [test[i]["src"] for i in range(n)]
         references = [test[i]["tgt"] for i in range(n)]
-        prompt = data_lib.PromptFormat(d.prompt)
+        prompt = batch_lib.PromptFormat(d.prompt)
         hypotheses = translate(model, tokenizer, sources, prompt=lambda s: prompt.render(s, d.src_lang, d.tgt_lang),
                                max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
         _write_atomic(run_dir / "test.hyp.txt", "".join(h.replace("\n", " ") + "\n" for h in hypotheses))

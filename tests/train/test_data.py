@@ -1,4 +1,4 @@
-"""The data pipeline: text files prepare into tfds datasets that read back in file order, prepare once per content,
+"""The data pipeline (jaxmoe.train.data and jaxmoe.train.batches): text files prepare into tfds datasets that read back in file order, prepare once per content,
 fail with messages that name the problem; encodings mask the prompt; BatchStream is deterministic, resumable and
 packs whole sequences."""
 
@@ -13,8 +13,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from jaxmoe.io.tokenizer import Tokenizer
-from jaxmoe.train.data import (BatchStream, DataError, MonolingualSource, ParallelSource, PromptFormat, encode_text,
-                               encode_translation, load_split, prepare_monolingual, prepare_parallel, tokens_in)
+from jaxmoe.train.batches import BatchStream, PromptFormat, encode_text, encode_translation, eval_batches, tokens_in
+from jaxmoe.train.data import DataError, MonolingualSource, ParallelSource, load_split, prepare_monolingual, prepare_parallel
 
 ALMA_VALID = Path("/work/shared/data/alma/deen/valid.de-en.json")
 GERMAN = ["Der Hund läuft schnell.", "Ich trinke gern Kaffee am Morgen.", "Zürich ist schön im Sommer.",
@@ -356,3 +356,16 @@ def test_stream_encodes_records_lazily_to_the_same_batches(tmp_path, tokenizer):
     for _, ids, mask, _ in segments(lazy[0]):
         target = tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
         assert target.strip() in ENGLISH
+
+
+def test_eval_batches_hold_every_fitting_example_once_in_fixed_shapes():
+    examples = toy_examples(n=7, max_len=9)
+    long = ([5] * 20, [1] * 20)
+    batches = eval_batches(examples + [long], batch_size=3, max_len=12, pad_id=0)
+    assert len(batches) == 3 and all(b["input_ids"].shape == (3, 12) for b in batches)
+    rows = [(b["input_ids"][r], b["loss_mask"][r], b["attention_mask"][r]) for b in batches for r in range(3)]
+    for (ids, mask), (row_ids, row_mask, row_attention) in zip(examples, rows):
+        n = len(ids)
+        assert list(row_ids[:n]) == list(ids) and list(row_mask[:n]) == list(mask)
+        assert row_attention.sum() == n and not row_ids[n:].any()
+    assert not any(attention.any() for _, _, attention in rows[7:])  # the filler rows are empty

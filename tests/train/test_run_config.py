@@ -33,6 +33,7 @@ def test_yaml_paths_are_relative_to_the_file_and_overrides_win(tmp_path):
     ({"mesh": {"data": 3}}, r"mesh.data=3 with optim.batch_size=16"),
     ({"data": {"train": {}}}, r"data.train is empty"),
     ({"tokenizer": {"bpe_vocab_size": None}}, r"no tokenizer"),
+    ({"eval": {"max_new_tokens": 0}}, r"eval.max_new_tokens=0; expected an integer >= 1"),
     ({"checkpoint": {"keep": 3}}, r"unknown config key 'checkpoint.keep'; valid keys in checkpoint: every, keep_last"),
 ])
 def test_bad_values_are_named_with_what_is_expected(values, message):

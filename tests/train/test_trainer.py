@@ -96,6 +96,18 @@ def uninterrupted(corpus, tmp_path_factory):
     return train_losses(folder / "run")
 
 
+def resume_and_compare(config: dict, folder: Path, uninterrupted: dict[int, float], expected: str) -> None:
+    """Runs `config` again to the end; every step's loss must equal the uninterrupted run's."""
+    process = start_cli(config, folder)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert expected in out
+    resumed = train_losses(Path(config["run_dir"]))
+    assert sorted(resumed) == list(range(1, 301))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 301)], [uninterrupted[s] for s in range(1, 301)],
+                               rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_repeats_the_uninterrupted_losses(corpus, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
@@ -107,14 +119,7 @@ def test_sigkill_mid_run_then_resume_repeats_the_uninterrupted_losses(corpus, tm
     killed_at = max(train_losses(run_dir))
     assert killed_at < 300, "the run finished before the kill; the test proves nothing"
 
-    process = start_cli(config, tmp_path)
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    assert "resumed from step" in out
-    resumed = train_losses(run_dir)
-    assert sorted(resumed) == list(range(1, 301))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 301)], [uninterrupted[s] for s in range(1, 301)],
-                               rtol=0, atol=1e-6)
+    resume_and_compare(config, tmp_path, uninterrupted, "resumed from step")
 
 
 @pytest.mark.slow
@@ -131,13 +136,7 @@ def test_sigterm_saves_the_current_step_before_exiting(corpus, tmp_path, uninter
     assert saved[-1] == last_logged and last_logged % 20 != 0  # saved off the regular schedule, at the stop
     assert f"after saving step {last_logged}" in err
 
-    process = start_cli(config, tmp_path)
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    assert f"resumed from step {last_logged}" in out
-    resumed = train_losses(run_dir)
-    np.testing.assert_allclose([resumed[s] for s in range(1, 301)], [uninterrupted[s] for s in range(1, 301)],
-                               rtol=0, atol=1e-6)
+    resume_and_compare(config, tmp_path, uninterrupted, f"resumed from step {last_logged}")
 
 
 # --------------------------------------------------------------------------------------- in-process runs
@@ -298,8 +297,16 @@ def test_bf16_compute_with_accumulation_keeps_fp32_master_weights(corpus, tmp_pa
     train(config, log=lambda _: None)
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
-    import json as _json
     header = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
     size = int.from_bytes(header[:8], "little")
-    dtypes = {v["dtype"] for k, v in _json.loads(header[8:8 + size]).items() if k != "__metadata__"}
+    dtypes = {v["dtype"] for k, v in json.loads(header[8:8 + size]).items() if k != "__metadata__"}
     assert dtypes == {"F32"}
+
+
+def test_a_tfds_name_that_is_not_prepared_says_what_is_needed(corpus, tmp_path):
+    config = base_config(corpus, tmp_path / "run")
+    config["data"]["train"] = {"tfds": "wmt19_translate/de-en", "split": "train"}
+    config["data"]["data_dir"] = str(tmp_path / "empty_tfds")
+    with pytest.raises(FileNotFoundError, match=r"(?s)'wmt19_translate/de-en' is not prepared in .*needs a machine "
+                                                r"with internet.*TensorFlow"):
+        train(config, log=lambda _: None)
