@@ -1,1 +1,2 @@
-"""Machine translation: batched greedy translation with a trained model, and sacreBLEU corpus scoring."""
+"""Machine translation: sacrebleu scoring and batched greedy translation (eval.py), and the demo's generated
+rule-based language (synthetic.py)."""
