@@ -48,7 +48,7 @@ def _build_parser() -> _Parser:
         "demo", help="train a tiny GRIN-style MoE translator on a generated corpus and evaluate it",
         description="Generates an English -> Zentish parallel corpus (a rule-based language with its own lexicon, "
                     "SOV order, agreement), trains a BPE tokenizer and a tiny GRIN-style MoE (SparseMixer routing) "
-                    "on it (about two and a half minutes on 2 CPU cores), scores test translations with BLEU and chrF before "
+                    "on it (about two minutes on 2 CPU cores), scores test translations with BLEU and chrF before "
                     "and after training, and writes the checkpoint, plots, metrics and translations to the run "
                     "folder.")
     demo.add_argument("--out", type=Path, default=None,
