@@ -238,6 +238,27 @@ def _place(tree, mesh, spec):
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
 
 
+def _next_batch(stream, grad_accum: int, mesh) -> Batch:
+    """The next step's batch on the device(s): [b, t] arrays, or [grad_accum, b, t] to accumulate."""
+    micro = [next(stream) for _ in range(grad_accum)]
+    arrays = {k: np.stack([m[k] for m in micro]) if grad_accum > 1 else micro[0][k] for k in Batch._fields}
+    return _place(Batch(**{k: jnp.asarray(v) for k, v in arrays.items()}), mesh,
+                  P(None, "data") if grad_accum > 1 else P("data"))
+
+
+def _stop_diverged(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
+    """Raises TrainingDivergedError naming the step and the last good checkpoint, once pending saves are on disk;
+    nothing of the diverged step is saved."""
+    checkpointer.wait()
+    saved = checkpointer.steps()
+    last = (f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}" if saved
+            else "no checkpoint was saved before it")
+    checkpointer.close()
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; {last}, left as it was. "
+        "Lower optim.learning_rate or raise optim.warmup_steps, then resume or start over")
+
+
 def _validation(model, batches) -> dict[str, float]:
     model.eval()
     try:
@@ -318,28 +339,16 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     base_key = jax.random.key(config.seed)
     is_moe = model.config.moe is not None
     load_sum, load_count = None, 0
-    valid_loss = math.nan
     with MetricsLogger(run_dir, total_steps=o.steps, start_step=start, progress=config.progress) as logger, \
             _sigterm_flag() as sigterm:
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(start + 1, o.steps + 1):
-            micro = [next(stream) for _ in range(o.grad_accum)]
-            arrays = {k: np.stack([m[k] for m in micro]) if o.grad_accum > 1 else micro[0][k] for k in micro[0]}
-            batch = Batch(**{k: arrays[k] for k in Batch._fields})
-            batch = _place(jax.tree.map(jnp.asarray, batch), mesh,
-                           P(None, "data") if o.grad_accum > 1 else P("data"))
+            batch = _next_batch(stream, o.grad_accum, mesh)
             metrics = train_step(model, optimizer, batch, nnx.Rngs(jax.random.fold_in(base_key, step)))
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                checkpointer.wait()
-                saved = checkpointer.steps()
-                last = f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}" if saved else \
-                    "no checkpoint was saved before it"
-                checkpointer.close()
-                raise TrainingDivergedError(
-                    f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; {last}, left as it "
-                    "was. Lower optim.learning_rate or raise optim.warmup_steps, then resume or start over")
-            window_tokens += int(np.sum(arrays["attention_mask"]))
+                _stop_diverged(step, loss, grad_norm, checkpointer)
+            window_tokens += int(np.sum(batch.attention_mask))
             load = np.asarray(metrics["expert_load"]) if is_moe else None
             if load is not None:
                 load_sum = load if load_sum is None else load_sum + load
@@ -358,9 +367,8 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
             evaluated = {}
             if valid is not None and ((config.eval.every and step % config.eval.every == 0) or step == o.steps):
                 result = _validation(model, valid)
-                valid_loss = result["loss"]
-                evaluated = {"valid_loss": valid_loss}
-                logger.log(step, {"loss": valid_loss, "accuracy": result["accuracy"]}, split="valid")
+                evaluated = {"valid_loss": result["loss"]}
+                logger.log(step, {"loss": result["loss"], "accuracy": result["accuracy"]}, split="valid")
             if step % c.every == 0 or step == o.steps or sigterm.is_set():
                 checkpointer.save(step, model, optimizer, {"data": stream.state(), "seed": config.seed},
                                   metrics=evaluated)
