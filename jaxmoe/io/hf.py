@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors.flax import save_file
 
+from jaxmoe import sharding
 from jaxmoe.config import LongRoPE, ModelConfig, MoEConfig
 from jaxmoe.io.names import ParamSpec, param_specs
 from jaxmoe.io.safetensors_file import SafetensorsFile
@@ -225,7 +227,8 @@ def _piece_shape(region: tuple, param_shape: tuple, transpose: bool) -> tuple:
     return tuple(shape[::-1]) if transpose else tuple(shape)
 
 
-def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype) -> dict:
+def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *, place) -> dict:
+    """Every parameter read into a host buffer and handed to `place(path, host)` (device placement) one by one."""
     files = _tensor_files(folder)
     pieces = {piece.name: (spec, piece) for spec in specs for piece in spec.pieces}
     missing = sorted(set(pieces) - set(files))
@@ -263,7 +266,7 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype) ->
                 view = f.array(piece.name)
                 np.copyto(host[piece.region], view.T if piece.transpose else view, casting="unsafe")
                 del view
-            _set(params, spec.path, jnp.asarray(host))
+            _set(params, spec.path, place(spec.path, host))
             del host
     finally:
         for f in opened.values():
@@ -274,10 +277,11 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype) ->
 def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3ForCausalLM:
     """Reads a Hugging Face `phi3` or `phimoe` checkpoint folder; returns Phi3ForCausalLM or PhimoeForCausalLM in
     eval mode, parameters in `dtype`, computing in `compute_dtype` (default: `dtype`; e.g. float32 master
-    weights with bfloat16 compute for fine-tuning)."""
-    if mesh is not None:
-        raise ValueError("load_hf(mesh=...): sharded placement is not available yet in this version; "
-                         "call it with mesh=None and shard the returned state with jax.device_put")
+    weights with bfloat16 compute for fine-tuning).
+
+    mesh: a `jax.sharding.Mesh` with axes from data, fsdp, expert, tensor (`jaxmoe.sharding.make_mesh`): each
+    parameter goes to its devices by `jaxmoe.sharding`'s rules as soon as it is read (one parameter at a time on
+    the host), and MoE blocks run expert-parallel over the `expert` axis."""
     folder = Path(path)
     config = config_from_hf(_read_config(folder))
     model_class = Phi3ForCausalLM if config.moe is None else PhimoeForCausalLM
@@ -285,9 +289,20 @@ def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3Fo
                                                         rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract_model)
     abstract = nnx.to_pure_dict(state)
-    params = _load_params(folder, list(param_specs(config)), abstract, dtype)
+    if mesh is None:
+        def place(path, host):
+            return jnp.asarray(host)
+    else:
+        sharding.check_mesh(mesh)
+
+        def place(path, host):
+            spec = sharding.partition_spec(sharding.logical_axes(path, host.shape), host.shape, mesh)
+            return jax.device_put(host, NamedSharding(mesh, spec))
+    params = _load_params(folder, list(param_specs(config)), abstract, dtype, place=place)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        sharding.use_mesh_for_experts(model, mesh)
     model.eval()
     return model
 

@@ -12,6 +12,7 @@ from flax import nnx, struct
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.moe.experts import moe_ffn
+from jaxmoe.moe.parallel import moe_ffn_sharded
 from jaxmoe.moe.router import sparsemixer, topk_router
 
 
@@ -26,7 +27,9 @@ class Routing:
 class SparseMoeBlock(nnx.Module):
     """y = Σ_k w_k · Expert_{e_k}(x) over the experts the router picks; no token is dropped unless the config
     sets a positive capacity factor. `deterministic` (flipped by `model.train()` / `model.eval()`) selects
-    SparseMixer's sampling and the input jitter; training mode needs `rngs` at call time.
+    SparseMixer's sampling and the input jitter; training mode needs `rngs` at call time. `mesh` (set by
+    `jaxmoe.sharding.shard_model` / `load_hf(mesh=...)`): with an `expert` axis of size > 1 the experts run
+    expert-parallel inside one shard_map (`jaxmoe.moe.parallel.moe_ffn_sharded`, dropless only).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, moe: MoEConfig, *, dtype=None,
@@ -39,6 +42,7 @@ class SparseMoeBlock(nnx.Module):
         self.w_gate_up = nnx.Param(init(rngs.params(), (e, d, 2 * f), param_dtype))
         self.w_down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
         self.deterministic = True
+        self.mesh = None
 
     def __call__(self, x_btd: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Routing]:
         """x [b, t, d] -> (y [b, t, d], Routing)."""
@@ -60,6 +64,13 @@ class SparseMoeBlock(nnx.Module):
         else:
             weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
         compute = self.dtype or x_td.dtype
-        y_td = moe_ffn(x_td.astype(compute), weights_tk, experts_tk, self.w_gate_up[...].astype(compute),
-                       self.w_down[...].astype(compute), capacity_factor=self.moe.capacity_factor)
+        args = (x_td.astype(compute), weights_tk, experts_tk, self.w_gate_up[...].astype(compute),
+                self.w_down[...].astype(compute))
+        if self.mesh is not None and dict(self.mesh.shape).get("expert", 1) > 1:
+            if self.moe.capacity_factor > 0:
+                raise ValueError(f"capacity_factor={self.moe.capacity_factor} with expert parallelism: the sharded "
+                                 "experts are dropless only; set capacity_factor=-1")
+            y_td = moe_ffn_sharded(*args, mesh=self.mesh)
+        else:
+            y_td = moe_ffn(*args, capacity_factor=self.moe.capacity_factor)
         return y_td.reshape(b, t, d).astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)

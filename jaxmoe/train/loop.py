@@ -158,7 +158,6 @@ def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = Non
     return _objective(model, batch, rngs, token_total=jnp.sum(_target_weights(batch)), micro_batches=1)
 
 
-@functools.partial(nnx.jit, donate_argnames=("model", "optimizer"))  # update parameters and moments in place
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """One AdamW step on `batch`, in place, on the parameters the optimizer was built for (`optimizer.wrt`:
@@ -169,8 +168,35 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
     Returns float32 scalars: loss, grad_norm (before clipping), learning_rate (the rate this step used),
     accuracy (next-token, on the batch's targets) and tokens (targets); MoE models add aux_loss, router_z_loss
     and expert_load [layers, experts]. MoE models in training mode (`model.train()`) need `rngs` for
-    SparseMixer's sampling and the input jitter.
+    SparseMixer's sampling and the input jitter. Parameters and optimizer state placed on a mesh keep their
+    shardings through the update.
     """
+    return _train_step(model, optimizer, batch, rngs, _layout(model, optimizer))
+
+
+def _layout(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple | None:
+    """The NamedSharding of every trained parameter and optimizer-state leaf, or None when nothing is on a mesh."""
+    leaves = jax.tree.leaves((nnx.state(model, optimizer.wrt), nnx.state(optimizer)))
+    shardings = tuple(x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None
+                      for x in leaves)
+    return shardings if any(shardings) else None
+
+
+def _keep_layout(model: nnx.Module, optimizer: nnx.Optimizer, layout: tuple) -> None:
+    # Without the constraint GSPMD may choose other output shardings for updated values (e.g. a replicated bias
+    # comes back split over `tensor`), and the next step would reshard them.
+    state = (nnx.state(model, optimizer.wrt), nnx.state(optimizer))
+    leaves, treedef = jax.tree.flatten(state)
+    leaves = [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, layout)]
+    model_state, optimizer_state = jax.tree.unflatten(treedef, leaves)
+    nnx.update(model, model_state)
+    nnx.update(optimizer, optimizer_state)
+
+
+@functools.partial(nnx.jit, donate_argnames=("model", "optimizer"),  # update parameters and moments in place
+                   static_argnames=("layout",))
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs: nnx.Rngs | None,
+                layout: tuple | None) -> dict[str, jax.Array]:
     micro = batch.input_ids.ndim == 3
     _check_batch(batch, rank=3 if micro else 2)
     if not micro:
@@ -194,6 +220,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
     zeros = jax.tree.map(jnp.zeros_like, trained)
     grads, stats = jax.lax.scan(micro_step, zeros, (jnp.arange(micro_batches), batch))
     optimizer.update(model, grads)
+    if layout is not None:
+        _keep_layout(model, optimizer, layout)
     tokens = jnp.sum(stats["tokens"])
     metrics = {"loss": jnp.sum(stats["loss_sum"]) / jnp.maximum(tokens, 1.0),
                "grad_norm": optax.global_norm(grads),
