@@ -113,9 +113,13 @@ class EvalSection:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MeshSection:
-    """Data-parallel devices: the batch is split over `data` devices (1: no mesh)."""
+    """Device mesh sizes (jaxmoe.sharding): the batch splits over data x fsdp x expert, parameters over fsdp,
+    experts over expert (expert parallelism), expert and attention widths over tensor. All 1: one device."""
 
     data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -252,9 +256,11 @@ def _check(config: RunConfig) -> RunConfig:
     for name, (value, least) in minimums.items():
         if value < least:
             raise ConfigError(f"{name}={value}; expected an integer >= {least}")
-    if config.mesh.data < 1 or o.batch_size % config.mesh.data:
-        raise ConfigError(f"mesh.data={config.mesh.data} with optim.batch_size={o.batch_size}; expected a "
-                          "device count >= 1 that divides the batch size")
+    mesh = config.mesh
+    batch_devices = mesh.data * mesh.fsdp * mesh.expert
+    if min(dataclasses.astuple(mesh)) < 1 or o.batch_size % batch_devices:
+        raise ConfigError(f"mesh.data x mesh.fsdp x mesh.expert = {batch_devices} with optim.batch_size="
+                          f"{o.batch_size}; expected mesh sizes >= 1 whose batch axes divide the batch size")
     if m.init_from is None and config.tokenizer.path is None and config.tokenizer.bpe_vocab_size is None:
         raise ConfigError("no tokenizer: set tokenizer.path (a folder with tokenizer.json), "
                           "tokenizer.bpe_vocab_size (train one), or model.init_from (use the checkpoint's)")

@@ -30,6 +30,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxmoe import sharding
 from jaxmoe.config import MoEConfig, get_preset
 from jaxmoe.io.bpe import save_tokenizer, train_bpe
 from jaxmoe.io.hf import load_hf, save_hf
@@ -226,12 +227,14 @@ def _sigterm_flag() -> Iterator[threading.Event]:
 
 
 def _mesh(config: RunConfig):
-    if config.mesh.data == 1:
+    """The configured device mesh (jaxmoe.sharding's four axes), or None for one device."""
+    sizes = dataclasses.asdict(config.mesh)
+    n = math.prod(sizes.values())
+    if n == 1:
         return None
-    devices = jax.device_count()
-    if config.mesh.data > devices:
-        raise ConfigError(f"mesh.data={config.mesh.data} but only {devices} devices are visible")
-    return jax.make_mesh((config.mesh.data,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    if n > jax.device_count():
+        raise ConfigError(f"mesh {sizes} needs {n} devices but only {jax.device_count()} are visible")
+    return sharding.make_mesh(**sizes, devices=jax.devices()[:n])
 
 
 def _place(tree, mesh, spec):
@@ -242,8 +245,9 @@ def _next_batch(stream, grad_accum: int, mesh) -> Batch:
     """The next step's batch on the device(s): [b, t] arrays, or [grad_accum, b, t] to accumulate."""
     micro = [next(stream) for _ in range(grad_accum)]
     arrays = {k: np.stack([m[k] for m in micro]) if grad_accum > 1 else micro[0][k] for k in Batch._fields}
+    spec = None if mesh is None else sharding.batch_spec(mesh)
     return _place(Batch(**{k: jnp.asarray(v) for k, v in arrays.items()}), mesh,
-                  P(None, "data") if grad_accum > 1 else P("data"))
+                  P(None, *spec) if grad_accum > 1 and spec is not None else spec)
 
 
 def _stop_diverged(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
@@ -311,6 +315,10 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         if not valid:
             raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
 
+    mesh = _mesh(config)
+    if mesh is not None:  # before the optimizer, whose moments then take the parameters' shardings
+        sharding.shard_model(model, mesh)
+        valid = None if valid is None else [_place(b, mesh, sharding.batch_spec(mesh)) for b in valid]
     wrt = nnx.LoRAParam if config.model.lora is not None else nnx.Param
     optimizer = make_optimizer(model, TrainConfig(
         learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=o.steps,
@@ -325,11 +333,6 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         start = restored.step
         stream.restore(restored["data"])
         log(f"resumed from step {start} in {checkpointer.directory}")
-    mesh = _mesh(config)
-    if mesh is not None:
-        nnx.update(model, _place(nnx.state(model), mesh, P()))
-        nnx.update(optimizer, _place(nnx.state(optimizer), mesh, P()))
-        valid = None if valid is None else [_place(b, mesh, P("data")) for b in valid]
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     n_trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))

@@ -30,7 +30,7 @@ def test_yaml_paths_are_relative_to_the_file_and_overrides_win(tmp_path):
     ({"model": {"preset": "huge"}}, r"model.preset='huge'; expected one of"),
     ({"model": {"compute_dtype": "float16"}}, r"expected float32 or bfloat16"),
     ({"model": {"init_from": "ckpt", "overrides": {"num_layers": 2}}}, r"the checkpoint fixes the architecture"),
-    ({"mesh": {"data": 3}}, r"mesh.data=3 with optim.batch_size=16"),
+    ({"mesh": {"data": 3}}, r"mesh.data x mesh.fsdp x mesh.expert = 3 with optim.batch_size=16"),
     ({"data": {"train": {}}}, r"data.train is empty"),
     ({"tokenizer": {"bpe_vocab_size": None}}, r"no tokenizer"),
     ({"eval": {"max_new_tokens": 0}}, r"eval.max_new_tokens=0; expected an integer >= 1"),

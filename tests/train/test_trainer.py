@@ -226,16 +226,17 @@ def test_lora_fine_tuning_trains_only_adapters_and_exports_a_merged_model(corpus
                               np.asarray(tuned.layers[0].self_attn.qkv_proj.kernel[...]))
 
 
-def test_data_parallel_mesh_gives_the_single_device_losses(corpus, tmp_path):
-    assert jax.device_count() >= 2
-    single = tmp_path / "single"
+def test_a_mesh_gives_the_single_device_losses(corpus, tmp_path):
+    """Data parallel, and data x expert parallel (the MoE blocks in a shard_map): the same losses step by step."""
+    assert jax.device_count() >= 4
     steps = {"steps": 4, "warmup_steps": 1}
     quiet = {"every": 0, "translate": 0}
-    train(base_config(corpus, single, optim=steps, eval=quiet), log=lambda _: None)
-    sharded = tmp_path / "sharded"
-    train(base_config(corpus, sharded, optim=steps, eval=quiet, mesh={"data": 2}), log=lambda _: None)
-    a, b = train_losses(single), train_losses(sharded)
-    np.testing.assert_allclose([a[s] for s in range(1, 5)], [b[s] for s in range(1, 5)], rtol=1e-5)
+    train(base_config(corpus, tmp_path / "single", optim=steps, eval=quiet), log=lambda _: None)
+    single = train_losses(tmp_path / "single")
+    for name, mesh in (("data", {"data": 2}), ("data_expert", {"data": 2, "expert": 2})):
+        train(base_config(corpus, tmp_path / name, optim=steps, eval=quiet, mesh=mesh), log=lambda _: None)
+        sharded = train_losses(tmp_path / name)
+        np.testing.assert_allclose([sharded[s] for s in range(1, 5)], [single[s] for s in range(1, 5)], rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------- bad input
