@@ -59,6 +59,8 @@ class MoEConfig:
     `router`: "sparsemixer" (GRIN's SparseMixer-v2 top-2) or "topk" (softmax, top-k, renormalised).
     `capacity_factor` < 0 means dropless (every token reaches its experts); > 0 keeps at most
     ceil(tokens * top_k / num_experts * capacity_factor) token copies per expert, in token order.
+    `expert_parallel`: how tokens reach the experts' devices under a mesh with an `expert` axis ("auto",
+    "all_gather" or "all_to_all"; see `jaxmoe.moe.parallel`).
     """
 
     num_experts: int
@@ -69,8 +71,12 @@ class MoEConfig:
     capacity_factor: float = -1.0
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    expert_parallel: str = "auto"
 
     def __post_init__(self):
+        if self.expert_parallel not in ("auto", "all_gather", "all_to_all"):
+            raise ValueError(f"invalid MoEConfig: expert_parallel={self.expert_parallel!r}; expected 'auto', "
+                             "'all_gather' or 'all_to_all'")
         if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
             raise ValueError(f"invalid MoEConfig: num_experts={self.num_experts!r}; expected an integer >= 1")
         if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):

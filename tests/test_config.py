@@ -102,3 +102,8 @@ def test_moe_top_k_larger_than_the_expert_count_is_named():
         MoEConfig(num_experts=4, top_k=5, router="topk")
     with pytest.raises(ValueError, match=r"exactly 2 experts, got top_k=1"):
         MoEConfig(num_experts=4, top_k=1)
+
+
+def test_unknown_expert_parallel_strategy_is_named():
+    with pytest.raises(ValueError, match="expert_parallel='ring'; expected 'auto', 'all_gather' or 'all_to_all'"):
+        MoEConfig(num_experts=8, expert_parallel="ring")

@@ -70,7 +70,7 @@ class SparseMoeBlock(nnx.Module):
             if self.moe.capacity_factor > 0:
                 raise ValueError(f"capacity_factor={self.moe.capacity_factor} with expert parallelism: the sharded "
                                  "experts are dropless only; set capacity_factor=-1")
-            y_td = moe_ffn_sharded(*args, mesh=self.mesh)
+            y_td = moe_ffn_sharded(*args, mesh=self.mesh, strategy=self.moe.expert_parallel)
         else:
             y_td = moe_ffn(*args, capacity_factor=self.moe.capacity_factor)
         return y_td.reshape(b, t, d).astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)

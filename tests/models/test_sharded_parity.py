@@ -2,6 +2,8 @@
 expert-parallel in a shard_map) gives the single-device logits, aux loss and gradients; a training step keeps the
 declared shardings; load_hf(mesh=...) places parameters as they are read."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,12 +48,16 @@ def loss_and_grads(m, data):
     return nnx.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(m)
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_sharded_logits_aux_loss_and_gradients_equal_one_device(mesh_name, rng):
+@pytest.mark.parametrize("mesh_name, strategy", [(name, "auto") for name in sorted(MESHES)]
+                         + [("data2_expert4", "all_to_all")])
+def test_sharded_logits_aux_loss_and_gradients_equal_one_device(mesh_name, strategy, rng):
     data = batch(rng)
     (loss, (logits, aux)), grads = loss_and_grads(model(), data)
     mesh = sharding.make_mesh(**MESHES[mesh_name])
-    sharded = sharding.shard_model(model(), mesh)
+    sharded = model()
+    for layer in sharded.layers:  # the strategy comes from the config (MoEConfig.expert_parallel)
+        layer.mlp.moe = dataclasses.replace(layer.mlp.moe, expert_parallel=strategy)
+    sharding.shard_model(sharded, mesh)
     placed = jax.device_put(data, jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh)))
     (s_loss, (s_logits, s_aux)), s_grads = loss_and_grads(sharded, placed)
     np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), rtol=0, atol=1e-5)
