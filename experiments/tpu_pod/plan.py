@@ -18,8 +18,7 @@ Notes:
 - Routing runs in training mode (SparseMixer sampling and input jitter, from a step key), as in `train_step`.
 - Compute dtype bfloat16, parameters float32 masters (the trainer's `model.compute_dtype: bfloat16`).
 - On CPU "auto" resolves to "all_gather"; `lax.ragged_all_to_all` does not run on XLA:CPU and is not implemented
-  in jaxmoe. "all_to_all" (padded to the worst case) is compiled through `StrategyMoeBlock` below, a subclass
-  defined here whose only difference is the `strategy=` it passes to `moe_ffn_sharded`; the library is untouched.
+  in jaxmoe. "all_to_all" (padded to the worst case) is selected through the config (`MoEConfig.expert_parallel`).
 - The collective byte counts are static: each collective in the HLO counted once. Collectives inside a `while`
   body run once per trip; the script reports how many bytes sit in while bodies (`in_loops`) so that can be
   judged. The HLO is the CPU compile: a TPU/GPU compile may fuse or schedule collectives differently.
@@ -32,6 +31,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -45,9 +45,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jaxmoe  # noqa: E402
 from jaxmoe.models.phimoe import PhimoeForCausalLM  # noqa: E402
-from jaxmoe.moe.layer import Routing, SparseMoeBlock  # noqa: E402
-from jaxmoe.moe.parallel import moe_ffn_sharded  # noqa: E402
-from jaxmoe.moe.router import sparsemixer, topk_router  # noqa: E402
 from jaxmoe.sharding import batch_spec, check_batch, make_mesh, param_shardings, use_mesh_for_experts  # noqa: E402
 from jaxmoe.train.loop import Batch, TrainConfig, _objective, make_optimizer  # noqa: E402
 
@@ -56,31 +53,6 @@ MESHES = ("fsdp=4,expert=16", "data=4,expert=16", "fsdp=8,expert=8", "data=2,fsd
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8}
-
-
-class StrategyMoeBlock(SparseMoeBlock):
-    """`SparseMoeBlock.__call__` with `strategy` passed to `moe_ffn_sharded` (the library block uses "auto").
-    Same parameters, same routing; expert-parallel only (the plan always sets a mesh with an expert axis)."""
-
-    strategy = "all_to_all"
-
-    def __call__(self, x_btd, *, rngs=None):
-        b, t, d = x_btd.shape
-        training = not self.deterministic
-        x_td = x_btd.reshape(b * t, d)
-        if training and self.moe.input_jitter_noise > 0:
-            eps = self.moe.input_jitter_noise
-            x_td = x_td * jax.random.uniform(rngs.jitter(), x_td.shape, x_td.dtype, 1.0 - eps, 1.0 + eps)
-        logits_te = x_td.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
-        if self.moe.router == "sparsemixer":
-            weights_tk, experts_tk = sparsemixer(logits_te, jitter_eps=self.moe.router_jitter_noise,
-                                                 training=training, rngs=rngs if training else None)
-        else:
-            weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
-        compute = self.dtype or x_td.dtype
-        y_td = moe_ffn_sharded(x_td.astype(compute), weights_tk, experts_tk, self.w_gate_up[...].astype(compute),
-                               self.w_down[...].astype(compute), mesh=self.mesh, strategy=self.strategy)
-        return y_td.reshape(b, t, d).astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -128,15 +100,12 @@ def collective_bytes(hlo: str) -> dict:
 def abstract_model(layers: int, strategy: str, mesh):
     """The `layers`-layer grin-moe slice as ShapeDtypeStructs placed on `mesh`: (graphdef, params, rest,
     param NamedShardings)."""
-    config = jaxmoe.get_preset("grin-moe").replace(num_layers=layers)
+    preset = jaxmoe.get_preset("grin-moe")
+    config = preset.replace(num_layers=layers, moe=dataclasses.replace(preset.moe, expert_parallel=strategy))
     model = nnx.eval_shape(lambda: PhimoeForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                                      rngs=nnx.Rngs(0)))
     model.train()
     use_mesh_for_experts(model, mesh)  # what shard_model does, minus device_put of real weights
-    if strategy != "auto":
-        for _, module in model.iter_modules():
-            if isinstance(module, SparseMoeBlock):
-                module.__class__ = type(f"StrategyMoeBlock_{strategy}", (StrategyMoeBlock,), {"strategy": strategy})
     shardings = nnx.to_pure_dict(param_shardings(model, mesh))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
