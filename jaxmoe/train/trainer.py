@@ -324,6 +324,11 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=o.steps,
         final_lr_fraction=o.final_lr_fraction, weight_decay=o.weight_decay, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
         schedule=o.schedule), wrt=wrt)
+    if mesh is not None:
+        # Moments follow their parameters' shardings; the rest (step counts, the scheduled rate) is replicated,
+        # so that a restore puts every array back on the mesh.
+        nnx.update(optimizer, jax.tree.map(
+            lambda x: x if isinstance(x.sharding, NamedSharding) else _place(x, mesh, P()), nnx.state(optimizer)))
     c = config.checkpoint
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=c.keep_last, keep_best=c.keep_best,
                                 best_metric="valid_loss", async_save=c.async_save)

@@ -311,3 +311,17 @@ def test_a_tfds_name_that_is_not_prepared_says_what_is_needed(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)'wmt19_translate/de-en' is not prepared in .*needs a machine "
                                                 r"with internet.*TensorFlow"):
         train(config, log=lambda _: None)
+
+
+def test_a_run_on_a_mesh_resumes_exactly(corpus, tmp_path):
+    """Sharded parameters and optimizer state go back onto the mesh from the checkpoint."""
+    settings = dict(optim={"steps": 4, "warmup_steps": 1}, eval={"every": 0, "translate": 0},
+                    mesh={"data": 2, "expert": 2}, checkpoint={"every": 2})
+    train(base_config(corpus, tmp_path / "full", **settings), log=lambda _: None)
+    train(base_config(corpus, tmp_path / "part", **settings), log=lambda _: None)
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "4")  # as if the run had stopped after step 2's save
+    logs = []
+    train(base_config(corpus, tmp_path / "part", **settings), log=logs.append)
+    assert any("resumed from step 2" in line for line in logs)
+    full, part = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
+    np.testing.assert_allclose([part[s] for s in range(1, 5)], [full[s] for s in range(1, 5)], rtol=0, atol=1e-6)
