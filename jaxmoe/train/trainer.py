@@ -178,12 +178,13 @@ def _tokenizer(config: RunConfig, run_dir: Path, records) -> Tokenizer:
     return tokenizer
 
 
-def build_model(config: RunConfig, tokenizer: Tokenizer) -> Phi3ForCausalLM:
-    """The model the config describes, in training mode; LoRA adapters added when configured."""
+def build_model(config: RunConfig, tokenizer: Tokenizer, mesh=None) -> Phi3ForCausalLM:
+    """The model the config describes, in training mode; LoRA adapters added when configured. With `mesh`, the
+    parameters are created (or read) directly in their shardings: no device ever holds the whole model."""
     m = config.model
     compute = jnp.dtype(m.compute_dtype)
     if m.init_from is not None:
-        model = load_hf(m.init_from, dtype=jnp.float32, compute_dtype=compute)
+        model = load_hf(m.init_from, dtype=jnp.float32, compute_dtype=compute, mesh=mesh)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint {m.init_from!r} has "
                               f"vocab_size={model.config.vocab_size}; the tokenizer does not belong to the checkpoint")
@@ -196,7 +197,10 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> Phi3ForCausalLM:
             vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, **overrides)
         model_class = Phi3ForCausalLM if model_config.moe is None else PhimoeForCausalLM
-        model = model_class(model_config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+
+        def make():
+            return model_class(model_config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+        model = make() if mesh is None else _make_sharded(make, mesh)
     needed = config.data.max_len
     if model.config.max_position_embeddings < needed:
         raise ConfigError(f"data.max_len={needed} exceeds the model's max_position_embeddings="
@@ -206,6 +210,22 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> Phi3ForCausalLM:
         apply_lora(model, LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=m.lora.targets),
                    rngs=nnx.Rngs(config.seed + 1))
     model.train()
+    return model
+
+
+def _make_sharded(make: Callable[[], nnx.Module], mesh) -> nnx.Module:
+    """make() compiled with its parameters constrained to jaxmoe.sharding's layout, so each device initialises
+    only its shards; MoE blocks set to run expert-parallel."""
+    shardings = sharding.param_shardings(nnx.eval_shape(make), mesh)
+
+    @nnx.jit
+    def create():
+        model = make()
+        nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model, nnx.Param), shardings))
+        return model
+
+    model = create()
+    sharding.use_mesh_for_experts(model, mesh)
     return model
 
 
@@ -301,7 +321,8 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     run_dir = Path(config.run_dir)
     records, tokenizer = prepare(config, log=log)
     parallel = _is_parallel(records["train"])
-    model = build_model(config, tokenizer)
+    mesh = _mesh(config)
+    model = build_model(config, tokenizer, mesh)
     encode = _encoder(config, tokenizer, parallel)
     o, d = config.optim, config.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -315,8 +336,7 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         if not valid:
             raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
 
-    mesh = _mesh(config)
-    if mesh is not None:  # before the optimizer, whose moments then take the parameters' shardings
+    if mesh is not None:  # before the optimizer, whose moments then take the parameters' shardings (LoRA too)
         sharding.shard_model(model, mesh)
         valid = None if valid is None else [_place(b, mesh, sharding.batch_spec(mesh)) for b in valid]
     wrt = nnx.LoRAParam if config.model.lora is not None else nnx.Param

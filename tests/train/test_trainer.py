@@ -325,3 +325,19 @@ def test_a_run_on_a_mesh_resumes_exactly(corpus, tmp_path):
     assert any("resumed from step 2" in line for line in logs)
     full, part = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
     np.testing.assert_allclose([part[s] for s in range(1, 5)], [full[s] for s in range(1, 5)], rtol=0, atol=1e-6)
+
+
+def test_build_model_on_a_mesh_creates_the_parameters_in_their_shardings(corpus, tmp_path):
+    from jaxmoe import sharding
+    from jaxmoe.io.bpe import train_bpe
+    from jaxmoe.train.trainer import build_model
+
+    tokenizer = train_bpe((corpus / "train.en").read_text().splitlines(), vocab_size=300)
+    config = run_config_from_dict(base_config(corpus, tmp_path / "run"))
+    mesh = sharding.make_mesh(data=2, expert=4)
+    model = build_model(config, tokenizer, mesh)
+    w = model.layers[0].mlp.w_gate_up[...]
+    assert w.sharding.spec[0] == "expert" and len(w.sharding.device_set) == 8
+    assert model.layers[0].mlp.mesh is mesh
+    plain = build_model(config, tokenizer)  # the same draws as the one-device model (compiled: last-bit rounding)
+    np.testing.assert_allclose(np.asarray(w), np.asarray(plain.layers[0].mlp.w_gate_up[...]), rtol=1e-6, atol=1e-8)
