@@ -367,6 +367,7 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     base_key = jax.random.key(config.seed)
     is_moe = model.config.moe is not None
     load_sum, load_count = None, 0
+    final_valid = None  # the last step's validation, reused by the summary
     with MetricsLogger(run_dir, total_steps=o.steps, start_step=start, progress=config.progress) as logger, \
             _sigterm_flag() as sigterm:
         window_tokens, window_start = 0, time.perf_counter()
@@ -394,7 +395,7 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
                 window_tokens, window_start = 0, time.perf_counter()
             evaluated = {}
             if valid is not None and ((config.eval.every and step % config.eval.every == 0) or step == o.steps):
-                result = _validation(model, valid)
+                result = final_valid = _validation(model, valid)
                 evaluated = {"valid_loss": result["loss"]}
                 logger.log(step, {"loss": result["loss"], "accuracy": result["accuracy"]}, split="valid")
             if step % c.every == 0 or step == o.steps or sigterm.is_set():
@@ -405,18 +406,20 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
                 raise Preempted(step, checkpointer.directory)
     checkpointer.close()
     train_seconds = time.perf_counter() - started
-    return _finish(config, run_dir, model, tokenizer, records, valid, train_seconds, log)
+    if valid is not None and final_valid is None:  # resumed at the last step: no step ran
+        final_valid = _validation(model, valid)
+    return _finish(config, run_dir, model, tokenizer, records, final_valid, train_seconds, log)
 
 
-def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, records, valid, train_seconds, log) -> dict:
-    """Export, plots, validation and test scores, summary.json."""
+def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, records, valid_result, train_seconds,
+            log) -> dict:
+    """Export, plots, test scores, summary.json (with the final validation result, when there is one)."""
     model.eval()
     summary = {"run_dir": str(run_dir), "steps": config.optim.steps, "train_seconds": round(train_seconds, 1),
                "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
                "experts": model.config.moe.num_experts if model.config.moe is not None else 0}
-    if valid is not None:
-        result = evaluate(model, valid)
-        summary.update(valid_loss=result["loss"], valid_accuracy=result["accuracy"])
+    if valid_result is not None:
+        summary.update(valid_loss=valid_result["loss"], valid_accuracy=valid_result["accuracy"])
     plot_losses(run_dir)
     if model.config.moe is not None:
         history = read_expert_load(run_dir)
