@@ -7,7 +7,8 @@ from jaxmoe.io.tokenizer import Tokenizer
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
 from jaxmoe.moe.router import sparsemixer
+from jaxmoe.quant import load_quantized, param_bytes, quantize, save_quantized
 
 __all__ = ["CheckpointError", "LongRoPE", "MoEConfig", "ModelConfig", "PRESETS", "Phi3ForCausalLM",
-           "PhimoeForCausalLM", "Tokenizer", "generate", "get_preset", "load_hf", "save_hf",
-           "sparsemixer"]
+           "PhimoeForCausalLM", "Tokenizer", "generate", "get_preset", "load_hf", "load_quantized", "param_bytes",
+           "quantize", "save_hf", "save_quantized", "sparsemixer"]

@@ -1,4 +1,5 @@
-"""The `jaxmoe` console script: demo, train, eval-mt, translate, generate (see `jaxmoe <command> --help`).
+"""The `jaxmoe` console script: demo, train, eval-mt, translate, generate, quantize, convert (see
+`jaxmoe <command> --help`; quantize and convert live in jaxmoe/quant/cli.py).
 
 `main(argv)` returns the exit code: 0 on success; 2 for a usage error (bad flag, missing file, bad config or data,
 ...), reported as one `error: ...` line on stderr without a traceback; 1 when training diverged (NaN / inf);
@@ -20,6 +21,7 @@ from jaxmoe.demo import DEFAULT_STEPS, run_demo
 from jaxmoe.infer.generate import generate
 from jaxmoe.io.hf import CheckpointError, load_hf
 from jaxmoe.io.tokenizer import Tokenizer
+from jaxmoe.quant.cli import add_convert_parser, add_quantize_parser, run_convert, run_quantize
 
 __all__ = ["main"]
 
@@ -110,6 +112,9 @@ def _build_parser() -> _Parser:
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="parameter and compute dtype (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+    add_quantize_parser(commands)
+    add_convert_parser(commands)
     return parser
 
 
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exit_:  # --help
             return exit_.code if isinstance(exit_.code, int) else 0
         commands = {"demo": _run_demo, "train": _run_train, "eval-mt": _run_eval_mt, "translate": _run_translate,
-                    "generate": _run_generate}
+                    "generate": _run_generate, "quantize": run_quantize, "convert": run_convert}
         return commands[args.command](args)
     except (UsageError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,8 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools  # noqa: E402
 
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxmoe  # noqa: E402
 
 # Tiny Phi-3 configs that between them cover GQA, partial rotary 0.75 and 1.0, LongRoPE with non-trivial short
 # and long factors (original_max_position_embeddings=16, so a 40-token input takes the long factors), tied and
@@ -115,3 +119,74 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------- quantization tests (tests/quant)
+# An independent NumPy quantizer (the formulas of pallas_kernels/README.md, written out again here), tiny random
+# models, a jitted forward, token ids.
+
+def numpy_dequantize(w_gkn: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> np.ndarray:
+    """float32 [g, k, n] -> its bits-bit round trip: scales per group of rows rounded to bfloat16, round half to
+    even, symmetric absmax (zero point 2^(bits-1)) or asymmetric min-max with an integer zero point."""
+    g, k, n = w_gkn.shape
+    size = k if group_size is None else group_size
+    w = np.asarray(w_gkn, np.float32).reshape(g, k // size, size, n)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (np.abs(w).max(axis=2, keepdims=True) / np.float32(qmax)).astype(ml_dtypes.bfloat16)
+        scale = np.where(scale == 0, 1, scale).astype(np.float32)
+        q = np.clip(np.round(w / scale), -qmax, qmax)
+        out = scale * q
+    else:
+        top = 2 ** bits - 1
+        lo, hi = w.min(axis=2, keepdims=True), w.max(axis=2, keepdims=True)
+        scale = ((hi - lo) / np.float32(top)).astype(ml_dtypes.bfloat16).astype(np.float32)
+        scale = np.where((hi == lo) | (scale == 0), np.float32(1), scale)
+        zero = np.clip(np.round(-lo / scale), 0, top)
+        codes = np.clip(np.round(w / scale) + zero, 0, top)
+        out = scale * (codes - zero)
+    return out.reshape(g, k, n).astype(np.float32)
+
+
+def tiny(name: str, seed: int = 0, **overrides):
+    """A jaxmoe preset ("tiny" dense, tied; "tiny-moe": 4 experts, untied lm_head with bias) with one layer by
+    default (compile time), random float32 weights, in eval mode. Weights are scaled up from the 0.02 init so
+    the logits are far from zero."""
+    config = jaxmoe.get_preset(name).replace(**{"num_layers": 1, **overrides})
+    cls = jaxmoe.Phi3ForCausalLM if config.moe is None else jaxmoe.PhimoeForCausalLM
+    model = cls(config, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    for _, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param) and variable.get_value().ndim >= 2:
+            variable[...] = rng.normal(0.0, 0.2, variable.get_value().shape).astype(np.float32)
+    model.eval()
+    return model
+
+
+@nnx.jit
+def logits(model, ids):
+    return model(ids).logits
+
+
+@pytest.fixture
+def np_dequantize():
+    """numpy_dequantize(w [g, k, n], bits, group_size, symmetric) -> float32 round trip."""
+    return numpy_dequantize
+
+
+@pytest.fixture
+def tiny_model():
+    """tiny_model(preset, seed=0, **config overrides) -> a one-layer random model in eval mode."""
+    return tiny
+
+
+@pytest.fixture
+def forward():
+    """forward(model, ids) -> float32 logits [b, t, vocab], jitted."""
+    return logits
+
+
+@pytest.fixture
+def ids(rng):
+    """int32 token ids [2, 10] inside the tiny presets' vocabulary of 512."""
+    return rng.integers(3, 512, (2, 10)).astype(np.int32)

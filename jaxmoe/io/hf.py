@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -24,6 +21,7 @@ from safetensors.flax import save_file
 from jaxmoe import sharding
 from jaxmoe.config import LongRoPE, ModelConfig, MoEConfig
 from jaxmoe.io.names import ParamSpec, param_specs
+from jaxmoe.io.atomic import atomic_folder
 from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
@@ -340,12 +338,7 @@ def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_
             part = value[piece.region]
             tensors[piece.name] = part.T if piece.transpose else part
     dtype = tensors["model.embed_tokens.weight"].dtype
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; the final folder gets the usual permissions
-    try:
+    with atomic_folder(target) as tmp:
         with open(tmp / "config.json", "w") as f:
             json.dump(config_to_hf(config, dtype=dtype), f, indent=2)
         shards = _shards(tensors, max_shard_bytes)
@@ -360,14 +353,4 @@ def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_
             total = sum(t.nbytes for t in tensors.values())
             with open(tmp / "model.safetensors.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, backup / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

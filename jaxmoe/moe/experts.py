@@ -4,21 +4,30 @@ Expert e computes down(silu(gate(x)) * up(x)) with `w_gate_up` [e, d, 2f] ([...,
 `w_down` [e, f, d]; a token's output is Σ_j w[t, j]·Expert_{experts[t, j]}(x_t) in fp32, weights as given (no
 renormalisation). Both functions take the same parameters, so `dense_moe_reference` checks `moe_ffn`.
 
+Either expert weight may also be a `pallas_kernels.QuantizedWeight` of the same (g, k, n) shape (from
+`jaxmoe.quantize`): a forward-only weight, differentiable in x but not in the weight.
+
 The expert computation over the sorted copies, `expert_ffn`, picks an implementation from `IMPLEMENTATIONS`:
-  "xla_ragged"  two grouped matmuls (`lax.ragged_dot`) with SwiGLU between; the default off CPU. A Pallas grouped
-                matmul plugs in the same way: `_two_grouped_matmuls(gmm)`.
+  "pallas"      two grouped matmuls through `pallas_kernels.gmm` (its "auto" backend: the Pallas kernel on GPU /
+                TPU, XLA elsewhere) with SwiGLU between; the default off CPU. Quantized weights go into the kernel
+                packed.
+  "xla_ragged"  the same with `lax.ragged_dot` (a quantized weight is dequantized whole first).
   "blocked"     the CPU path: one loop over row tiles that runs gate_up -> SwiGLU -> down per tile (XLA:CPU runs
-                `ragged_dot` about 15x slower than a dense matmul of the same FLOPs).
+                `ragged_dot` about 15x slower than a dense matmul of the same FLOPs); a quantized weight is
+                dequantized one expert at a time, once per non-empty expert.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pallas_kernels
 from jax import lax
+from pallas_kernels import QuantizedWeight
 
 from jaxmoe.moe.dispatch import permute, route, unpermute
 
@@ -32,7 +41,8 @@ def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gat
 
     capacity_factor < 0: every copy is computed (dropless). > 0: each expert keeps its first
     ceil(t·k / e · capacity_factor) copies in token order; the others add zero. implementation: see
-    `expert_ffn`. Differentiable in x, weights, w_gate_up and w_down.
+    `expert_ffn`. Differentiable in x, weights, and float w_gate_up and w_down (QuantizedWeights get zero
+    cotangents).
     """
     _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
     dispatch = route(experts_tk, w_gate_up.shape[0], capacity_factor=capacity_factor)
@@ -44,8 +54,10 @@ def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gat
 def dense_moe_reference(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gate_up: jax.Array,
                         w_down: jax.Array) -> jax.Array:
     """The obviously correct twin of `moe_ffn` (dropless): every token through every expert, masked combine.
-    Costs e/k times the FLOPs of `moe_ffn`; meant for tests and for checking a run."""
+    Costs e/k times the FLOPs of `moe_ffn`; meant for tests and for checking a run. A QuantizedWeight is
+    dequantized whole (to its float dtype) first."""
     _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
+    w_gate_up, w_down = (w.dequantize() if isinstance(w, QuantizedWeight) else w for w in (w_gate_up, w_down))
     e = w_gate_up.shape[0]
     hi = lax.Precision.HIGHEST
     h_et2f = jnp.einsum("td,edf->etf", x_td, w_gate_up, precision=hi)
@@ -58,8 +70,9 @@ def dense_moe_reference(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.
 def expert_ffn(x_md: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_sizes_e: jax.Array, *,
                implementation: str = "auto") -> jax.Array:
     """Rows [s_e, s_e + group_sizes_e[e]) of x [m, d] through expert e -> [m, d], s_e = Σ_{i<e} sizes; rows
-    past sum(group_sizes_e) are zero. implementation: "auto" ("blocked" on CPU, "xla_ragged" elsewhere) or a
-    key of IMPLEMENTATIONS. Differentiable in x_md, w_gate_up and w_down."""
+    past sum(group_sizes_e) are zero. implementation: "auto" ("blocked" on CPU, "pallas" elsewhere) or a key of
+    IMPLEMENTATIONS. Either weight may be a QuantizedWeight, dequantized to the compute dtype (x's and the float
+    weights' result type). Differentiable in x_md and float w_gate_up and w_down."""
     e, d, two_f = w_gate_up.shape
     if x_md.ndim != 2 or x_md.shape[1] != d or w_down.shape != (e, two_f // 2, d):
         raise ValueError(f"expert_ffn needs x [m, d], w_gate_up [e, d, 2f], w_down [e, f, d]; got x {x_md.shape}, "
@@ -67,15 +80,17 @@ def expert_ffn(x_md: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_s
     if group_sizes_e.shape != (e,):
         raise ValueError(f"group_sizes_e has shape {group_sizes_e.shape}; expected ({e},), one size per expert of "
                          f"w_gate_up {w_gate_up.shape}")
-    dtype = jnp.result_type(x_md, w_gate_up, w_down)
+    floats = [w for w in (w_gate_up, w_down) if not isinstance(w, QuantizedWeight)]
+    dtype = jnp.result_type(x_md, *floats)
+    w_gate_up, w_down = (w if isinstance(w, QuantizedWeight) else w.astype(dtype) for w in (w_gate_up, w_down))
     impl = IMPLEMENTATIONS[resolve_implementation(implementation)]
-    return impl(x_md.astype(dtype), w_gate_up.astype(dtype), w_down.astype(dtype), group_sizes_e.astype(jnp.int32))
+    return impl(x_md.astype(dtype), w_gate_up, w_down, group_sizes_e.astype(jnp.int32))
 
 
 def resolve_implementation(implementation: str) -> str:
-    """"auto" -> "blocked" on CPU, "xla_ragged" elsewhere; other names are checked against IMPLEMENTATIONS."""
+    """"auto" -> "blocked" on CPU, "pallas" elsewhere; other names are checked against IMPLEMENTATIONS."""
     if implementation == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "xla_ragged"
+        return "blocked" if jax.default_backend() == "cpu" else "pallas"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected 'auto' or one of {sorted(IMPLEMENTATIONS)}")
     return implementation
@@ -88,13 +103,16 @@ def _swiglu(h: jax.Array) -> jax.Array:
 
 
 def _two_grouped_matmuls(grouped_matmul: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> Callable:
-    """An expert_ffn implementation from a grouped matmul (lhs [m, k], rhs [e, k, n], group_sizes [e]) -> [m, n]."""
+    """An expert_ffn implementation from a grouped matmul (lhs [m, k], rhs [e, k, n] float or QuantizedWeight,
+    group_sizes [e]) -> [m, n] in lhs's dtype."""
     def ffn(x_md, w_gate_up, w_down, group_sizes_e):
         return grouped_matmul(_swiglu(grouped_matmul(x_md, w_gate_up, group_sizes_e)), w_down, group_sizes_e)
     return ffn
 
 
-def _ragged_dot(lhs_md: jax.Array, rhs_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+def _ragged_dot(lhs_md: jax.Array, rhs_ekn, group_sizes_e: jax.Array) -> jax.Array:
+    if isinstance(rhs_ekn, QuantizedWeight):
+        rhs_ekn = rhs_ekn.dequantize(lhs_md.dtype)
     return lax.ragged_dot(lhs_md, rhs_ekn, group_sizes_e, preferred_element_type=jnp.float32).astype(lhs_md.dtype)
 
 
@@ -144,9 +162,19 @@ def _for_each_tile(group_sizes_e: jax.Array, num_rows: int, per_expert: Callable
     return lax.fori_loop(0, group_sizes_e.shape[0], nonempty_expert, carry)
 
 
-def _expert_weights(w_gate_up, w_down):
-    return lambda e: (lax.dynamic_index_in_dim(w_gate_up, e, keepdims=False),
-                      lax.dynamic_index_in_dim(w_down, e, keepdims=False))
+def _expert_weights(w_gate_up, w_down, dtype):
+    """The per-expert hook of `_for_each_tile`: e -> (w_gate_up[e] [d, 2f], w_down[e] [f, d]) in dtype."""
+    return lambda e: (_expert_slice(w_gate_up, e, dtype), _expert_slice(w_down, e, dtype))
+
+
+def _expert_slice(w_ekn, e, dtype) -> jax.Array:
+    """w[e] as a float [k, n]; a QuantizedWeight's slice e (codes, scales, zeros) is dequantized to dtype."""
+    if not isinstance(w_ekn, QuantizedWeight):
+        return lax.dynamic_index_in_dim(w_ekn, e, keepdims=False)
+    take = lambda a: None if a is None else lax.dynamic_index_in_dim(a, e)  # noqa: E731
+    one = dataclasses.replace(w_ekn, codes=take(w_ekn.codes), scale=take(w_ekn.scale), zero=take(w_ekn.zero),
+                              shape=(1,) + tuple(w_ekn.shape[1:]))
+    return one.dequantize(dtype)[0]
 
 
 def _matmul(a, b, contract):
@@ -166,11 +194,13 @@ def _blocked_forward(x_md, w_gate_up, w_down, group_sizes_e):
         h = _matmul(lax.dynamic_slice_in_dim(x_md, start, rows), w_d2f, ((1,), (0,))).astype(x_md.dtype)
         return _write_rows(out_md, start, _matmul(_swiglu(h), w_fd, ((1,), (0,))).astype(x_md.dtype), valid)
 
-    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down), tile,
+    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down, x_md.dtype), tile,
                           jnp.zeros_like(x_md))
 
 
 def _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md):
+    """-> (dx [m, d], dw_gate_up float32 [e, d, 2f] or None, dw_down float32 [e, f, d] or None); None for a
+    QuantizedWeight, which gets no gradient."""
     def tile(carry, weights, e, start, rows, valid):
         dx_md, dw_gate_up, dw_down = carry
         w_d2f, w_fd = weights
@@ -182,12 +212,18 @@ def _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md):
         a, swiglu_vjp = jax.vjp(_swiglu, h)
         (dh,) = swiglu_vjp(_matmul(dout, w_fd, ((1,), (1,))).astype(h.dtype))
         dx = _matmul(dh, w_d2f, ((1,), (1,))).astype(dx_md.dtype)
-        return (_write_rows(dx_md, start, dx, valid),
-                _add_to_expert(dw_gate_up, e, _matmul(x, dh, ((0,), (0,)))),
-                _add_to_expert(dw_down, e, _matmul(a, dout, ((0,), (0,)))))
+        if dw_gate_up is not None:
+            dw_gate_up = _add_to_expert(dw_gate_up, e, _matmul(x, dh, ((0,), (0,))))
+        if dw_down is not None:
+            dw_down = _add_to_expert(dw_down, e, _matmul(a, dout, ((0,), (0,))))
+        return _write_rows(dx_md, start, dx, valid), dw_gate_up, dw_down
 
-    carry = (jnp.zeros_like(x_md), jnp.zeros(w_gate_up.shape, jnp.float32), jnp.zeros(w_down.shape, jnp.float32))
-    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down), tile, carry)
+    def gradient_buffer(w):
+        return None if isinstance(w, QuantizedWeight) else jnp.zeros(w.shape, jnp.float32)
+
+    carry = (jnp.zeros_like(x_md), gradient_buffer(w_gate_up), gradient_buffer(w_down))
+    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down, x_md.dtype), tile,
+                          carry)
 
 
 def _add_to_expert(acc_ekn, e, update_kn):
@@ -208,13 +244,23 @@ def _blocked_fwd(x_md, w_gate_up, w_down, group_sizes_e):
 def _blocked_bwd(residuals, dout_md):
     x_md, w_gate_up, w_down, group_sizes_e = residuals
     dx_md, dw_gate_up, dw_down = _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md)
-    return dx_md, dw_gate_up.astype(w_gate_up.dtype), dw_down.astype(w_down.dtype), None
+    return dx_md, _weight_cotangent(w_gate_up, dw_gate_up), _weight_cotangent(w_down, dw_down), None
+
+
+def _weight_cotangent(w, dw):
+    """dw in w's dtype; for a QuantizedWeight, zeros (float0 for the integer codes)."""
+    if not isinstance(w, QuantizedWeight):
+        return dw.astype(w.dtype)
+    zeros = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    return dataclasses.replace(w, codes=np.zeros(w.codes.shape, jax.dtypes.float0), scale=zeros(w.scale),
+                               zero=zeros(w.zero))
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 IMPLEMENTATIONS: dict[str, Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "blocked": _blocked,
+    "pallas": _two_grouped_matmuls(pallas_kernels.gmm),
     "xla_ragged": _two_grouped_matmuls(_ragged_dot),
 }
 
@@ -234,11 +280,11 @@ def _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down) -> None:
                          f"{experts_tk.shape}; all need the same first dimension")
     if not jnp.issubdtype(experts_tk.dtype, jnp.integer):
         raise ValueError(f"experts_tk has dtype {experts_tk.dtype}; expected integer expert ids")
-    if w_gate_up.ndim != 3 or w_gate_up.shape[1] != d or w_gate_up.shape[2] % 2:
+    if len(w_gate_up.shape) != 3 or w_gate_up.shape[1] != d or w_gate_up.shape[2] % 2:
         raise ValueError(f"w_gate_up has shape {w_gate_up.shape}; expected [experts, d_model={d}, 2·d_ff] for "
                          f"x_td {x_td.shape}")
     e, _, two_f = w_gate_up.shape
-    if w_down.shape != (e, two_f // 2, d):
+    if tuple(w_down.shape) != (e, two_f // 2, d):
         raise ValueError(f"w_down has shape {w_down.shape}; expected (experts, d_ff, d_model) = "
                          f"{(e, two_f // 2, d)} from w_gate_up {w_gate_up.shape} and x_td {x_td.shape}")
     if not isinstance(experts_tk, jax.core.Tracer):

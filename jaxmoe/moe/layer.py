@@ -2,6 +2,8 @@
 
 The module owns parameters only; routing maths live in `router.py`, the expert computation in `experts.py`.
 Parameter layout: `router` [d, e] (no bias), `w_gate_up` [e, d, 2f] ([..., :f] is the gate), `w_down` [e, f, d].
+After `jaxmoe.quantize(..., target="experts")` the expert weights are `jaxmoe.quant.QuantizedParam`s holding a
+`pallas_kernels.QuantizedWeight`, which goes into `moe_ffn` packed.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from pallas_kernels import QuantizedWeight
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.moe.experts import moe_ffn
@@ -64,9 +67,10 @@ class SparseMoeBlock(nnx.Module):
         else:
             weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
         compute = self.dtype or x_td.dtype
-        args = (x_td.astype(compute), weights_tk, experts_tk, self.w_gate_up[...].astype(compute),
-                self.w_down[...].astype(compute))
-        if self.mesh is not None and dict(self.mesh.shape).get("expert", 1) > 1:
+        sharded = self.mesh is not None and dict(self.mesh.shape).get("expert", 1) > 1
+        args = (x_td.astype(compute), weights_tk, experts_tk, _expert_weight(self.w_gate_up, compute, sharded),
+                _expert_weight(self.w_down, compute, sharded))
+        if sharded:
             if self.moe.capacity_factor > 0:
                 raise ValueError(f"capacity_factor={self.moe.capacity_factor} with expert parallelism: the sharded "
                                  "experts are dropless only; set capacity_factor=-1")
@@ -74,3 +78,13 @@ class SparseMoeBlock(nnx.Module):
         else:
             y_td = moe_ffn(*args, capacity_factor=self.moe.capacity_factor)
         return y_td.reshape(b, t, d).astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)
+
+
+def _expert_weight(variable: nnx.Variable, compute, sharded: bool):
+    """The weight `moe_ffn` takes: a float parameter as read (`[...]`, which applies QAT's fake quantization) in
+    the compute dtype; a quantized one packed, or dequantized for the expert-parallel path (whose shard_map takes
+    plain arrays)."""
+    value = variable.get_value()
+    if isinstance(value, QuantizedWeight):
+        return value.dequantize(compute) if sharded else value
+    return variable[...].astype(compute)

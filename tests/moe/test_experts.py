@@ -205,7 +205,7 @@ def test_permute_and_unpermute_backward_equal_plain_gather_autodiff_without_scat
     (dict(x=np.ones((2, D + 1), np.float32)), r"\(8, 16, 64\).*\(2, 17\)"),
     (dict(experts=np.ones((3, 2), np.int32)), r"\(2, 16\).*\(2, 2\).*\(3, 2\)"),
     (dict(experts=np.ones((2, 2), np.float32)), "float32"),
-    (dict(implementation="pallas"), r"'pallas'.*\['blocked', 'xla_ragged'\]"),
+    (dict(implementation="megablox"), r"'megablox'.*\['blocked', 'pallas', 'xla_ragged'\]"),
     (dict(capacity_factor=0.0), r"capacity_factor=0\.0"),
 ])
 def test_bad_inputs_raise_value_errors_that_name_the_values(rng, change, match):
