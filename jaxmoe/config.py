@@ -121,6 +121,12 @@ class ModelConfig:
     attention_bias: bool = False
     lm_head_bias: bool = False
     moe: MoEConfig | None = None
+    # Memory, not architecture (checkpoints do not carry them): "none" keeps every decoder layer's activations
+    # for the backward, "layer" recomputes each layer's forward in the backward (jax.checkpoint) and keeps only
+    # its input. attention_impl: "dense" (whole score tensor), "blocked" (online softmax over key blocks) or
+    # "auto" (blocked from jaxmoe.nn.attention.BLOCKED_FROM_LENGTH queries).
+    remat: str = "none"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         def need(ok, what):
@@ -150,6 +156,9 @@ class ModelConfig:
         need(isinstance(self.eos_token_id, tuple) and all(isinstance(i, int) for i in self.eos_token_id),
              f"eos_token_id={self.eos_token_id!r}; expected a tuple of ints, e.g. (2,) or ()")
         need(self.norm in ("rms", "layer"), f"norm={self.norm!r}; expected 'rms' or 'layer'")
+        need(self.remat in ("none", "layer"), f"remat={self.remat!r}; expected 'none' or 'layer'")
+        need(self.attention_impl in ("auto", "dense", "blocked"),
+             f"attention_impl={self.attention_impl!r}; expected 'auto', 'dense' or 'blocked'")
         for token_id in (self.bos_token_id, self.pad_token_id, *self.eos_token_id):
             need(token_id is None or 0 <= token_id < self.vocab_size,
                  f"special token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
@@ -234,6 +243,16 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_layers=32, num_heads=32, num_kv_heads=8,
         head_dim=128, max_position_embeddings=4096, sliding_window=2047, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=(32000,), norm="layer", attention_bias=True, lm_head_bias=True,
+        moe=MoEConfig(num_experts=16, top_k=2, router_jitter_noise=0.01, input_jitter_noise=0.01),
+    ),
+    # Phi-3.5-MoE-instruct (../shared/docs/phi_models.md §2.1): GRIN-MoE's shapes with a 128K context. Its LongRoPE
+    # factor lists (64 short, 64 long, mscale 1.2432) are not reproduced here, so this preset has plain RoPE: exact
+    # parameter shapes and counts (memory planning, random-init runs); load_hf reads the real rope settings.
+    "phi3.5-moe": ModelConfig(
+        vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_layers=32, num_heads=32, num_kv_heads=8,
+        head_dim=128, max_position_embeddings=131072, sliding_window=131072, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=(32000, 32001, 32007), norm="layer", attention_bias=True,
+        lm_head_bias=True,
         moe=MoEConfig(num_experts=16, top_k=2, router_jitter_noise=0.01, input_jitter_noise=0.01),
     ),
     "tiny-moe": ModelConfig(

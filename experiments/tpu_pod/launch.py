@@ -10,24 +10,23 @@ Distributed setup (`jax.distributed.initialize`), each flag falling back to an e
   --process-id           JAX_PROCESS_ID            this process's index in [0, num_processes)
   --local-devices        JAX_LOCAL_DEVICE_IDS      comma-separated local device ids this process drives (GPU)
   --no-distributed       skip initialize(): one process driving its local devices (for trying the launcher out)
-Mesh: --data --fsdp --expert --tensor, whose product must be jax.device_count() (jaxmoe.sharding.make_mesh).
+On CPU (trying it out on one machine) XLA's cross-process collectives use gloo, jax 0.10.2's default
+(`jax_cpu_collectives_implementation`).
 
 Mesh: --data --fsdp --expert --tensor override the run config's `mesh` section (default: the config's sizes); their
-product must be jax.device_count() (jaxmoe.sharding.make_mesh), and the trainer shards the model with
-jaxmoe.sharding.shard_model on it.
+product must be jax.device_count(), all processes' devices (jaxmoe.sharding.make_mesh), and the trainer shards the
+model with jaxmoe.sharding.shard_model on it.
 
-What the trainer does not support yet, and this launcher therefore refuses rather than pretends:
-- `train()` reads every batch on every process and places it with `jax.device_put` of a whole global array;
-  there is no per-host data sharding (`jax.make_array_from_process_local_data`) yet, so process_count() > 1 is
-  refused (after initialize() has shown the cluster is reachable).
-- `train()` builds the model's weights on the default device before sharding them; for the full grin-moe
-  (~42B parameters, ~168 GB in float32) that does not fit one chip. Nothing here can fix that from outside.
+Every process runs `jaxmoe.train.trainer.train` with the same config: each builds only its rows of every global
+batch, process 0 writes the run's files and logs, all save and restore the orbax checkpoints. `run_dir` (and
+`data.data_dir`, if set) must be on storage every host sees at the same path (NFS, Filestore, a gcsfuse mount).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 import jax
@@ -70,6 +69,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     initialize(args)
     log = print if jax.process_index() == 0 else (lambda *_: None)
+    print(f"process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}: local devices "
+          f"{[d.id for d in jax.local_devices()]}", flush=True)
     log(f"processes {jax.process_count()}, devices {jax.device_count()} ({jax.local_device_count()} local, "
         f"{jax.devices()[0].platform})")
     config = load_run_config(args.config, args.overrides)
@@ -79,11 +80,6 @@ def main(argv=None) -> int:
     if preset is not None and preset.moe is not None:
         partition_spec(("experts",), (preset.moe.num_experts,), mesh)  # raises when the experts do not divide
     log(f"mesh {dict(mesh.shape)}")
-    if jax.process_count() > 1:
-        log("refusing to train: jaxmoe.train.trainer.train has no per-host data sharding yet (every process would "
-            "read and place the whole global batch); run one process, or add per-host batches with "
-            "jax.make_array_from_process_local_data to the trainer first. See experiments/README.md.")
-        return 2
     config = run_config_from_dict({**config.to_dict(), "mesh": sizes})
     from jaxmoe.train.trainer import train  # imports tensorflow_datasets: only once the checks have passed
 

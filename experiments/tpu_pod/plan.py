@@ -13,10 +13,14 @@ It prints one JSON line per case with
 Usage (from the repository root):
   python experiments/tpu_pod/plan.py                     # all meshes, 2 layers, 64 x 4096 tokens
   python experiments/tpu_pod/plan.py --layers 1 2 --meshes fsdp=4,expert=16 --strategies all_gather all_to_all
+  python experiments/tpu_pod/plan.py --layers 1 2 --remat none layer --attention dense blocked   # memory options
 
 Notes:
 - Routing runs in training mode (SparseMixer sampling and input jitter, from a step key), as in `train_step`.
 - Compute dtype bfloat16, parameters float32 masters (the trainer's `model.compute_dtype: bfloat16`).
+- `--remat` and `--attention` set `ModelConfig.remat` ("none": every layer's activations kept for the backward;
+  "layer": each layer recomputed in the backward) and `ModelConfig.attention_impl` ("dense": the fp32
+  [heads, t, t] scores; "blocked": online softmax over key blocks). Each case is compiled for every combination.
 - On CPU "auto" resolves to "all_gather"; `lax.ragged_all_to_all` does not run on XLA:CPU and is not implemented
   in jaxmoe. "all_to_all" (padded to the worst case) is selected through the config (`MoEConfig.expert_parallel`).
 - The collective byte counts are static: each collective in the HLO counted once. Collectives inside a `while`
@@ -28,10 +32,16 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
+# cse_barrier_expander: XLA:CPU removes optimization barriers before scheduling (the GPU compiler only after it),
+# and jax.checkpoint's barrier is what keeps a rematerialised forward in the backward pass; without it XLA:CPU
+# runs the recomputation next to the original forward (or merges the two) and remat saves nothing. The flag keeps
+# the barriers to code generation; a program without jax.checkpoint has none and compiles the same.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
+                           " --xla_disable_hlo_passes=cse_barrier_expander")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -97,11 +107,12 @@ def collective_bytes(hlo: str) -> dict:
     return {"bytes": totals, "count": counts, "in_loops": in_loops}
 
 
-def abstract_model(layers: int, strategy: str, mesh):
+def abstract_model(layers: int, strategy: str, mesh, *, remat: str = "none", attention: str = "dense"):
     """The `layers`-layer grin-moe slice as ShapeDtypeStructs placed on `mesh`: (graphdef, params, rest,
     param NamedShardings)."""
     preset = jaxmoe.get_preset("grin-moe")
-    config = preset.replace(num_layers=layers, moe=dataclasses.replace(preset.moe, expert_parallel=strategy))
+    config = preset.replace(num_layers=layers, moe=dataclasses.replace(preset.moe, expert_parallel=strategy),
+                            remat=remat, attention_impl=attention)
     model = nnx.eval_shape(lambda: PhimoeForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                                      rngs=nnx.Rngs(0)))
     model.train()
@@ -133,10 +144,11 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def plan_case(mesh_sizes: dict, layers: int, strategy: str, batch: int, seq: int) -> dict:
+def plan_case(mesh_sizes: dict, layers: int, strategy: str, batch: int, seq: int, *, remat: str = "none",
+              attention: str = "dense") -> dict:
     mesh = make_mesh(**mesh_sizes)
     check_batch(batch, mesh)
-    graphdef, params, rest, param_sh = abstract_model(layers, strategy, mesh)
+    graphdef, params, rest, param_sh = abstract_model(layers, strategy, mesh, remat=remat, attention=attention)
     # The optax chain of jaxmoe.train.loop.make_optimizer (AdamW + global-norm clipping + scheduled rate).
     tx = make_optimizer(_TinyParams(), TrainConfig()).tx
     opt_state = jax.eval_shape(tx.init, params)
@@ -169,7 +181,7 @@ def plan_case(mesh_sizes: dict, layers: int, strategy: str, batch: int, seq: int
     tokens = batch * seq
     return {
         "mesh": mesh_sizes, "layers": layers, "strategy": strategy,
-        "strategy_resolved": "all_gather" if strategy == "auto" else strategy,
+        "strategy_resolved": "all_gather" if strategy == "auto" else strategy, "remat": remat, "attention": attention,
         "batch": batch, "seq": seq, "tokens_per_step": tokens, "tokens_per_device": tokens // mesh.size,
         "compile_s": round(compile_s, 1),
         "params_bytes_per_device": per_device_bytes(params),
@@ -204,17 +216,19 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["auto"], choices=["auto", "all_gather", "all_to_all"])
     parser.add_argument("--batch", type=int, default=64, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
+    parser.add_argument("--remat", nargs="+", default=["none"], choices=["none", "layer"])
+    parser.add_argument("--attention", nargs="+", default=["dense"], choices=["dense", "blocked"])
     args = parser.parse_args()
     assert jax.device_count() == 64, jax.devices()
-    for text in args.meshes:
-        for layers in args.layers:
-            for strategy in args.strategies:
-                try:
-                    row = plan_case(parse_mesh(text), layers, strategy, args.batch, args.seq)
-                except Exception as error:  # one failing case must not hide the others
-                    row = {"mesh": parse_mesh(text), "layers": layers, "strategy": strategy,
-                           "error": f"{type(error).__name__}: {str(error)[:400]}"}
-                print(json.dumps(row), flush=True)
+    for text, remat, attention, layers, strategy in itertools.product(args.meshes, args.remat, args.attention,
+                                                                       args.layers, args.strategies):
+        try:
+            row = plan_case(parse_mesh(text), layers, strategy, args.batch, args.seq, remat=remat,
+                            attention=attention)
+        except Exception as error:  # one failing case must not hide the others
+            row = {"mesh": parse_mesh(text), "layers": layers, "strategy": strategy, "remat": remat,
+                   "attention": attention, "error": f"{type(error).__name__}: {str(error)[:400]}"}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

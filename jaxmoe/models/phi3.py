@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.models.outputs import CausalLMOutput
-from jaxmoe.nn.attention import Attention, KVCache, causal_mask
+from jaxmoe.nn.attention import Attention, AttentionMask, KVCache
 from jaxmoe.nn.mlp import GatedMLP
 from jaxmoe.moe.layer import SparseMoeBlock
 from jaxmoe.moe.router import expert_load, load_balancing_loss, router_z_loss
@@ -51,7 +51,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = make_norm(c.norm, c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype,
                                          rngs=rngs)
         self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                                   use_bias=c.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   use_bias=c.attention_bias, implementation=c.attention_impl, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = make_norm(c.norm, c.hidden_size, eps=c.rms_norm_eps,
                                                   param_dtype=param_dtype, rngs=rngs)
         if c.moe is None:
@@ -60,15 +61,34 @@ class DecoderLayer(nnx.Module):
             self.mlp = SparseMoeBlock(c.hidden_size, c.intermediate_size, c.moe, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, *, mask_bts, kv=None, index=None, rngs=None):
+    def __call__(self, x_btd, cos, sin, *, mask: AttentionMask, kv=None, index=None, rngs=None):
         """Returns (y [b, t, d], updated kv or None, the MoE block's Routing or None)."""
-        attn_out, kv = self.self_attn(self.input_layernorm(x_btd), cos, sin, mask_bts=mask_bts, kv=kv, index=index)
+        attn_out, kv = self.self_attn(self.input_layernorm(x_btd), cos, sin, mask=mask, kv=kv, index=index)
         h = x_btd + attn_out
         normed = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoeBlock):
             out, routing = self.mlp(normed, rngs=rngs)
             return h + out, kv, routing
         return h + self.mlp(normed), kv, None
+
+
+def _rematerialised_layer(layer: DecoderLayer, x_btd, cos, sin, *, mask, kv, index, rngs):
+    """`layer(...)` under `jax.checkpoint`: the backward keeps only the layer's inputs and recomputes its
+    activations. The layer's state goes in as values and only the rngs' state comes back out, so the call also
+    works where the parameters belong to an outer trace (generation's decode loop); the MoE routers' draws advance
+    `rngs` exactly as without remat, and the recomputation replays them."""
+    graphdef, state = nnx.split(layer)
+    rng_graphdef, rng_state = nnx.split(rngs) if rngs is not None else (None, None)
+
+    def run(state, rng_state, x_btd, cos, sin, mask, kv, index):
+        layer_rngs = nnx.merge(rng_graphdef, rng_state) if rngs is not None else None
+        out = nnx.merge(graphdef, state)(x_btd, cos, sin, mask=mask, kv=kv, index=index, rngs=layer_rngs)
+        return out, (nnx.state(layer_rngs) if rngs is not None else None)
+
+    out, rng_state = jax.checkpoint(run)(state, rng_state, x_btd, cos, sin, mask, kv, index)
+    if rngs is not None:
+        nnx.update(rngs, rng_state)
+    return out
 
 
 class Phi3ForCausalLM(nnx.Module):
@@ -138,15 +158,16 @@ class Phi3ForCausalLM(nnx.Module):
             k_positions = positions
         else:
             k_positions = jax.lax.dynamic_update_slice(cache.positions_bs, positions, (0, cache.index))
-        mask = causal_mask(positions, k_positions, self.config.sliding_window, segment_ids)
+        mask = AttentionMask(positions, k_positions, segment_ids, self.config.sliding_window)
         cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
 
         x = self.embed_tokens(input_ids)
+        call_layer = _rematerialised_layer if self.config.remat == "layer" else DecoderLayer.__call__
         new_k, new_v, routings = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, routing = layer(x, cos, sin, mask_bts=mask, kv=kv, index=None if cache is None else cache.index,
-                                   rngs=rngs)
+            x, kv, routing = call_layer(layer, x, cos, sin, mask=mask, kv=kv,
+                                        index=None if cache is None else cache.index, rngs=rngs)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

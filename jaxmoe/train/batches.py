@@ -3,6 +3,10 @@
 `encode_translation` / `encode_text` turn a record into (ids, loss_mask); `BatchStream` shuffles, packs and
 batches them deterministically, with a JSON-able state to resume from; `eval_batches` pads every example once
 into fixed-shape batches for evaluation.
+
+Several processes (multi-host training): every process walks the same global batch order, and builds only the
+rows its devices hold (`BatchStream(rows=...)`, `host_rows` says which), so the global batch and the stream's
+state at each step are the same on every process and the same as a one-process run's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from jaxmoe.train.data import DataError
 
 __all__ = ["ALMA_PROMPT", "LANGUAGE_NAMES", "BatchStream", "PromptFormat", "encode_text", "encode_translation",
-           "eval_batches", "tokens_in"]
+           "eval_batches", "host_rows", "tokens_in"]
 
 LANGUAGE_NAMES = {"cs": "Czech", "de": "German", "en": "English", "fr": "French", "ha": "Hausa", "is": "Icelandic",
                   "ja": "Japanese", "ru": "Russian", "uk": "Ukrainian", "zh": "Chinese"}
@@ -88,16 +92,21 @@ class BatchStream:
     a warning at the end of each epoch.
 
     examples: encoded (ids, loss_mask) pairs, or, with `encode`, records that `encode` turns into them when read.
+    rows: the rows of each batch to return, ascending (default all): arrays are then [len(rows), max_len], those
+    rows of the same batches. For one process of several (see `host_rows`); the layout of a batch depends on
+    the lengths of all its examples, so every example is still read and encoded, only the arrays are smaller.
     """
 
     def __init__(self, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int, seed: int = 0,
-                 pack: bool = False, shuffle: bool = True, encode: Callable[[Any], Example] | None = None):
+                 pack: bool = False, shuffle: bool = True, encode: Callable[[Any], Example] | None = None,
+                 rows: Sequence[int] | None = None):
         for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 1), ("seed", seed, 0),
                                    ("pad_id", pad_id, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
                 raise ValueError(f"BatchStream: {name}={value!r}; expected an int >= {least}")
         if not len(examples):
             raise DataError("BatchStream: no examples")
+        self.rows = tuple(range(batch_size)) if rows is None else _check_rows(rows, batch_size)
         self.batch_size, self.max_len, self.pad_id, self.seed = int(batch_size), int(max_len), int(pad_id), int(seed)
         self.pack, self.shuffle = pack, shuffle
         self._examples, self._encode, self._n = examples, encode, len(examples)
@@ -188,11 +197,12 @@ class BatchStream:
             self._dropped, self._dropped_longest = 0, 0
 
     def _assemble(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
-        shape = (self.batch_size, self.max_len)
+        """The arrays of `self.rows` of the batch whose rows hold `rows` (a batch's layout: examples per row)."""
+        shape = (len(self.rows), self.max_len)
         batch = {"input_ids": np.full(shape, self.pad_id, np.int32)}
         for key in ("loss_mask", "attention_mask", "segment_ids", "positions"):
             batch[key] = np.zeros(shape, np.int32)
-        for r, row in enumerate(rows):
+        for r, row in enumerate(rows[i] for i in self.rows):
             start = 0
             for segment, (ids, mask) in enumerate(row, 1):
                 end = start + len(ids)
@@ -203,6 +213,36 @@ class BatchStream:
                 batch["positions"][r, start:end] = np.arange(len(ids))
                 start = end
         return batch
+
+
+def _check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
+    rows = tuple(rows)
+    ints = all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in rows)
+    if not rows or not ints or list(rows) != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"BatchStream: rows={rows!r:.200}; expected distinct ascending ints in [0, {batch_size}) "
+                         "(batch_size), e.g. from host_rows")
+    return tuple(int(r) for r in rows)
+
+
+def host_rows(sharding, shape: Sequence[int], *, axis: int = 0, devices=None) -> tuple[int, ...]:
+    """The indices along `axis` of a global array of `shape` laid out by `sharding` (a jax.sharding.Sharding)
+    that `devices` hold, ascending; default devices: this process's (`sharding.addressable_devices`).
+
+    This process's share of a global batch: these rows, in this order, are what
+    `jax.make_array_from_process_local_data(sharding, local, shape)` expects as `local` along `axis`.
+    """
+    shape = tuple(int(n) for n in shape)
+    if not 0 <= axis < len(shape):
+        raise ValueError(f"host_rows: axis={axis} for a shape {shape}; expected 0 <= axis < {len(shape)}")
+    devices = set(sharding.addressable_devices if devices is None else devices)
+    held = set()
+    for device, index in sharding.devices_indices_map(shape).items():
+        if device in devices:
+            held.update(range(*index[axis].indices(shape[axis])))
+    if not held:
+        raise ValueError(f"host_rows: none of the devices {sorted(d.id for d in devices)} holds part of an array "
+                         f"laid out by {sharding}; pass devices of the sharding's mesh")
+    return tuple(sorted(held))
 
 
 def tokens_in(batch: Mapping[str, np.ndarray]) -> int:

@@ -6,6 +6,12 @@ state). Orbax writes each step into a temporary folder and renames it when compl
 leaves the earlier steps untouched; `restore_latest` also checks what it reads against the fingerprint and
 falls back to the previous step, with a warning, when the newest one is unreadable or corrupted (the bad step
 is moved to `<directory>.corrupted/`, never deleted).
+
+Several processes (multi-host): every process calls `save` and `restore_latest` with the same arguments (orbax
+writes each process's shards; the directory must be on storage all of them share). The fingerprint is of the
+whole arrays whatever their sharding, the processes agree on whether a step is readable, and only process 0
+moves a bad step aside while the others wait. `is_primary`, `sync_processes` and `any_process` are the helpers
+for that, which the trainer uses too.
 """
 
 from __future__ import annotations
@@ -22,8 +28,27 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-__all__ = ["CheckpointMismatchError", "Checkpointer", "Restored"]
+__all__ = ["CheckpointMismatchError", "Checkpointer", "Restored", "any_process", "is_primary", "sync_processes"]
+
+
+def is_primary() -> bool:
+    """True on process 0: the one process that writes the run's own files and logs."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """A barrier: returns once every process has called it with the same `name` (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process; every process must call it (with several, a collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,8 +64,17 @@ class Restored(dict):
 
 
 def _fingerprint(tree) -> list[float]:
-    """Per-leaf sums of |x| in float64 (on the host): cheap, and a changed or garbled array changes them."""
-    return [float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(tree)]
+    """Per-leaf sums of |x| in float64 over the whole jax.Array, however it is sharded over devices and processes:
+    cheap, and a changed or garbled array changes them. Every process must call it (a collective with several)."""
+    # One copy of each shard (replica 0) counts; each process adds up those it holds, then the processes add.
+    sums_l = np.array([sum(float(np.abs(np.asarray(shard.data, np.float64)).sum())
+                           for shard in x.addressable_shards if shard.replica_id == 0)
+                       for x in jax.tree.leaves(tree)], np.float64)
+    if jax.process_count() > 1:
+        # process_allgather would move float64 as float32 (x64 is off): send the bits as uint32 pairs.
+        bits_pl = np.asarray(multihost_utils.process_allgather(sums_l.view(np.uint32)))
+        sums_l = np.ascontiguousarray(bits_pl).view(np.float64).sum(axis=0)
+    return sums_l.tolist()
 
 
 def _path_name(path) -> str:
@@ -120,22 +154,23 @@ class Checkpointer:
         target = _training_state(model, optimizer)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         for step in reversed(self.steps()):
+            error = None
             try:
                 meta = self._read_meta(step)
                 self._check_fits(step, target)
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]
-                if not np.allclose(_fingerprint(restored), meta["fingerprint"], rtol=1e-6, atol=0):
-                    raise ValueError("its arrays do not match the fingerprint saved with them")
             except CheckpointMismatchError:
                 raise
-            except Exception as error:  # noqa: BLE001 - any failure to read a step means: use an older one
-                older = [s for s in self.steps() if s < step]
-                fallback = f"falling back to step {older[-1]}" if older else "no older checkpoint to fall back to"
-                kept = self._set_aside(step)
-                warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable or corrupted "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved it to {kept}; {fallback}",
-                              RuntimeWarning, stacklevel=2)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: use an older one
+                error = e
+            # Each process reads its own shards: all must agree before the collectives below, or they would hang.
+            if any_process(error is not None):
+                error = error or RuntimeError("another process could not read it")
+            if error is None and not np.allclose(_fingerprint(restored), meta["fingerprint"], rtol=1e-6, atol=0):
+                error = ValueError("its arrays do not match the fingerprint saved with them")
+            if error is not None:
+                self._set_aside(step, error)
                 continue
             for node, values, which in ((model, restored["model"], optimizer.wrt),
                                         (optimizer, restored["optimizer"], ...)):
@@ -145,13 +180,22 @@ class Checkpointer:
             return Restored(meta)
         return None
 
-    def _set_aside(self, step: int) -> Path:
-        """Moves a bad step out of orbax's folder (so training can save that step again) without deleting it."""
-        aside = self.directory.parent / f"{self.directory.name}.corrupted" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.directory / str(step), aside)
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Moves a bad step out of orbax's folder (so training can save that step again) without deleting it, and
+        warns naming `error`; process 0 moves and warns while the others wait."""
+        if is_primary():
+            older = [s for s in self.steps() if s < step]
+            fallback = f"falling back to step {older[-1]}" if older else "no older checkpoint to fall back to"
+            aside = (self.directory.parent / f"{self.directory.name}.corrupted" /
+                     f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), aside)
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable or corrupted "
+                          f"({type(error).__name__}: {first_line}); moved it to {aside}; {fallback}",
+                          RuntimeWarning, stacklevel=3)
+        sync_processes(f"jaxmoe checkpoint step {step} set aside")
         self._manager.reload()
-        return aside
 
     def _read_meta(self, step: int) -> dict:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

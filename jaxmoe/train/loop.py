@@ -175,11 +175,31 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
 
 
 def _layout(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple | None:
-    """The NamedSharding of every trained parameter and optimizer-state leaf, or None when nothing is on a mesh."""
-    leaves = jax.tree.leaves((nnx.state(model, optimizer.wrt), nnx.state(optimizer)))
-    shardings = tuple(x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None
-                      for x in leaves)
-    return shardings if any(shardings) else None
+    """The NamedSharding of every trained parameter and optimizer-state leaf, or None when nothing is on a mesh.
+    Leaves off the mesh (e.g. a fresh optimizer's step count) are first placed on it, replicated: the step
+    returns them that way, and the same input layout on every step means one compile."""
+    state = (nnx.state(model, optimizer.wrt), nnx.state(optimizer))
+    leaves, treedef = jax.tree.flatten(state)
+    on_mesh = [isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) for x in leaves]
+    if not any(on_mesh):
+        return None
+    if not all(on_mesh):
+        replicated = jax.sharding.NamedSharding(leaves[on_mesh.index(True)].sharding.mesh,
+                                                jax.sharding.PartitionSpec())
+        leaves = [x if placed else jax.device_put(x, replicated) for x, placed in zip(leaves, on_mesh)]
+        model_state, optimizer_state = jax.tree.unflatten(treedef, leaves)
+        nnx.update(model, model_state)
+        nnx.update(optimizer, optimizer_state)
+    return tuple(_canonical(x.sharding) for x in leaves)
+
+
+def _canonical(s: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    """The sharding with trailing None axes dropped from its spec: P(None, None) and P() lay out the same, but
+    as a static argument they differ, and the step's outputs come back as P() -> a second compile."""
+    spec = list(s.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=s.memory_kind)
 
 
 def _keep_layout(model: nnx.Module, optimizer: nnx.Optimizer, layout: tuple) -> None:

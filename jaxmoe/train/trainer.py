@@ -7,6 +7,13 @@ bar, plots) -> at the end a Hugging Face export, validation loss and BLEU / chrF
 
 Run folder: run_config.yaml, tokenizer/, checkpoints/<step>/, metrics.jsonl, expert_load.jsonl, tb/, loss.png,
 expert_load.png, model/ (save_hf + tokenizer), test.hyp.txt, summary.json.
+
+Several processes (multi-host, after `jax.distributed.initialize`): every process calls `train` with the same
+config; the mesh spans all their devices, and run_dir must be on storage they all share. Each process builds only
+its rows of every global batch (`batch_lib.host_rows`) and `jax.make_array_from_process_local_data` joins them, so
+the batches, losses and evaluation are those of a one-process run on the same mesh. Process 0 alone prepares the
+data, trains the tokenizer, writes the run's files (config, metrics, plots, translations, export, summary) and
+logs; the others wait for it where they need its files. Checkpoints are saved and restored by all processes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmoe import sharding
@@ -41,7 +49,7 @@ from jaxmoe.mt.eval import score, translate
 from jaxmoe.nn.lora import LoRAConfig, apply_lora, merge_lora
 from jaxmoe.train import batches as batch_lib
 from jaxmoe.train import data as data_lib
-from jaxmoe.train.checkpoint import Checkpointer
+from jaxmoe.train.checkpoint import Checkpointer, any_process, is_primary, sync_processes
 from jaxmoe.train.loop import Batch, TrainConfig, evaluate, make_optimizer, train_step
 from jaxmoe.train.metrics import MetricsLogger, plot_expert_load, plot_losses, read_expert_load
 from jaxmoe.train.run_config import ConfigError, RunConfig, run_config_from_dict
@@ -250,6 +258,10 @@ def _mesh(config: RunConfig):
     """The configured device mesh (jaxmoe.sharding's four axes), or None for one device."""
     sizes = dataclasses.asdict(config.mesh)
     n = math.prod(sizes.values())
+    if jax.process_count() > 1 and n != jax.device_count():
+        raise ConfigError(f"mesh {sizes} uses {n} devices, but the {jax.process_count()} processes have "
+                          f"{jax.device_count()}; a run over several processes needs a mesh of all their devices: "
+                          f"choose sizes whose product is {jax.device_count()}")
     if n == 1:
         return None
     if n > jax.device_count():
@@ -261,13 +273,36 @@ def _place(tree, mesh, spec):
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
 
 
-def _next_batch(stream, grad_accum: int, mesh) -> Batch:
-    """The next step's batch on the device(s): [b, t] arrays, or [grad_accum, b, t] to accumulate."""
+def _batch_sharding(mesh, grad_accum: int = 1) -> NamedSharding:
+    """Where a step's batch arrays go: [b, t] split over the mesh's batch axes, or [grad_accum, b, t] likewise."""
+    spec = sharding.batch_spec(mesh)
+    return NamedSharding(mesh, P(None, *spec) if grad_accum > 1 else spec)
+
+
+def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], where: NamedSharding | None) -> Batch:
+    """A Batch of arrays of global `shape` from this process's rows of them (`batch_lib.host_rows` of `where`;
+    all rows when `where` is None, one device)."""
+    if where is None:
+        return Batch(**{k: jnp.asarray(v) for k, v in local.items()})
+    return Batch(**{k: jax.make_array_from_process_local_data(where, v, shape) for k, v in local.items()})
+
+
+def _next_batch(stream: batch_lib.BatchStream, grad_accum: int, mesh) -> Batch:
+    """The next step's global batch on the device(s): [b, t] arrays, or [grad_accum, b, t] to accumulate; the
+    stream yields this process's rows."""
     micro = [next(stream) for _ in range(grad_accum)]
     arrays = {k: np.stack([m[k] for m in micro]) if grad_accum > 1 else micro[0][k] for k in Batch._fields}
-    spec = None if mesh is None else sharding.batch_spec(mesh)
-    return _place(Batch(**{k: jnp.asarray(v) for k, v in arrays.items()}), mesh,
-                  P(None, *spec) if grad_accum > 1 and spec is not None else spec)
+    shape = (stream.batch_size, stream.max_len)
+    return _global_batch(arrays, shape if grad_accum == 1 else (grad_accum, *shape),
+                         None if mesh is None else _batch_sharding(mesh, grad_accum))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` as numpy, gathered from the other processes when they hold parts of it (every
+    process must call it then: a collective)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _stop_diverged(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
@@ -295,18 +330,34 @@ def _validation(model, batches) -> dict[str, float]:
 def prepare(config: RunConfig, *, log: Callable[[str], None] = print) -> tuple[dict, Tokenizer]:
     """Checks the run folder against the config (a resumed run keeps its model), records the config, prepares
     the data with tfds (once; data.data_dir or run_dir/tfds) and the tokenizer (run_dir/tokenizer).
-    Returns (records per split, tokenizer)."""
+    Returns (records per split, tokenizer). With several processes, process 0 writes and prepares, then the
+    others read what it made."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume_config(run_dir, config)
-    _write_atomic(run_dir / CONFIG_FILE, config.to_yaml())
+    primary = is_primary()
+    if primary:
+        _write_atomic(run_dir / CONFIG_FILE, config.to_yaml())
+    sync_processes("jaxmoe train: run config written")
+    if any_process(not (run_dir / CONFIG_FILE).exists()):
+        raise ConfigError(f"run_dir {str(run_dir)!r}: process 0 wrote {CONFIG_FILE} there, but not every process "
+                          "sees it; with several processes run_dir must be on storage that all of them share "
+                          "(NFS, Filestore, a gcsfuse-mounted bucket)")
     data_dir = Path(config.data.data_dir) if config.data.data_dir else run_dir / "tfds"
     tfds.disable_progress_bar()
-    records = load_records(config, data_dir)
-    tokenizer = _tokenizer(config, run_dir, records)
+    if primary:  # the others wait, then find the tfds folders prepared (or prepare their own if data_dir is local)
+        records, tokenizer = _records_and_tokenizer(config, run_dir, data_dir)
+    sync_processes("jaxmoe train: data and tokenizer prepared")
+    if not primary:
+        records, tokenizer = _records_and_tokenizer(config, run_dir, data_dir)
     log(f"data: {', '.join(f'{name} {len(r):,}' for name, r in records.items())} examples; tokenizer "
         f"{tokenizer.vocab_size:,} ids")
     return records, tokenizer
+
+
+def _records_and_tokenizer(config: RunConfig, run_dir: Path, data_dir: Path) -> tuple[dict, Tokenizer]:
+    records = load_records(config, data_dir)
+    return records, _tokenizer(config, run_dir, records)
 
 
 def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> dict:
@@ -314,9 +365,11 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
 
     Raises TrainingDivergedError on a NaN/inf loss or gradient (nothing saved for that step), Preempted after
     saving on SIGTERM, ConfigError / data_lib.DataError / FileNotFoundError for bad configs and inputs.
+    With several processes every one calls it alike (see the module docstring); only process 0 calls `log`.
     """
     if isinstance(config, dict):
         config = run_config_from_dict(config)
+    log = log if is_primary() else (lambda _: None)
     started = time.perf_counter()
     run_dir = Path(config.run_dir)
     records, tokenizer = prepare(config, log=log)
@@ -326,19 +379,23 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     encode = _encoder(config, tokenizer, parallel)
     o, d = config.optim, config.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if mesh is not None:
+        sharding.check_batch(o.batch_size, mesh)
+    where = None if mesh is None else _batch_sharding(mesh)  # the batches' layout
+    rows = list(range(o.batch_size) if where is None else batch_lib.host_rows(where, (o.batch_size, d.max_len)))
     stream = batch_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
-                                  seed=config.seed, pack=d.pack, encode=encode)
+                                  seed=config.seed, pack=d.pack, encode=encode, rows=rows)  # this process's rows
     valid = None
     if "valid" in records:
         valid_examples = [encode(r) for r in records["valid"]]
-        valid = [Batch(**{k: jnp.asarray(v) for k, v in b.items()}) for b in batch_lib.eval_batches(
-            valid_examples, batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id)]
+        valid = [_global_batch({k: v[rows] for k, v in b.items()}, b["input_ids"].shape, where)
+                 for b in batch_lib.eval_batches(valid_examples, batch_size=o.batch_size, max_len=d.max_len,
+                                                 pad_id=pad_id)]
         if not valid:
             raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
 
     if mesh is not None:  # before the optimizer, whose moments then take the parameters' shardings (LoRA too)
         sharding.shard_model(model, mesh)
-        valid = None if valid is None else [_place(b, mesh, sharding.batch_spec(mesh)) for b in valid]
     wrt = nnx.LoRAParam if config.model.lora is not None else nnx.Param
     optimizer = make_optimizer(model, TrainConfig(
         learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=o.steps,
@@ -368,8 +425,10 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     is_moe = model.config.moe is not None
     load_sum, load_count = None, 0
     final_valid = None  # the last step's validation, reused by the summary
-    with MetricsLogger(run_dir, total_steps=o.steps, start_step=start, progress=config.progress) as logger, \
-            _sigterm_flag() as sigterm:
+    primary = is_primary()
+    logging = (MetricsLogger(run_dir, total_steps=o.steps, start_step=start, progress=config.progress) if primary
+               else contextlib.nullcontext())  # the other processes compute the same metrics and write nothing
+    with logging as logger, _sigterm_flag() as sigterm:
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(start + 1, o.steps + 1):
             batch = _next_batch(stream, o.grad_accum, mesh)
@@ -377,31 +436,36 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 _stop_diverged(step, loss, grad_norm, checkpointer)
-            window_tokens += int(np.sum(batch.attention_mask))
-            load = np.asarray(metrics["expert_load"]) if is_moe else None
+            window_tokens += int(jnp.sum(batch.attention_mask))  # the global batch's, whatever this process holds
+            load = _to_host(metrics["expert_load"]) if is_moe else None
             if load is not None:
                 load_sum = load if load_sum is None else load_sum + load
                 load_count += 1
             elapsed = time.perf_counter() - window_start
-            logger.progress_update(step, loss=loss, tokens_per_second=window_tokens / max(elapsed, 1e-9),
-                                   learning_rate=float(metrics["learning_rate"]), expert_load_le=load)
+            if primary:
+                logger.progress_update(step, loss=loss, tokens_per_second=window_tokens / max(elapsed, 1e-9),
+                                       learning_rate=float(metrics["learning_rate"]), expert_load_le=load)
             if step % config.log_every == 0 or step == o.steps:
                 scalars = {k: float(v) for k, v in metrics.items() if k != "expert_load"}
                 scalars["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
-                logger.log(step, scalars)
-                if load_sum is not None:
-                    logger.log_expert_load(step, load_sum / load_count)
-                    load_sum, load_count = None, 0
+                if primary:
+                    logger.log(step, scalars)
+                    if load_sum is not None:
+                        logger.log_expert_load(step, load_sum / load_count)
+                load_sum, load_count = None, 0
                 window_tokens, window_start = 0, time.perf_counter()
             evaluated = {}
             if valid is not None and ((config.eval.every and step % config.eval.every == 0) or step == o.steps):
                 result = final_valid = _validation(model, valid)
                 evaluated = {"valid_loss": result["loss"]}
-                logger.log(step, {"loss": result["loss"], "accuracy": result["accuracy"]}, split="valid")
-            if step % c.every == 0 or step == o.steps or sigterm.is_set():
+                if primary:
+                    logger.log(step, {"loss": result["loss"], "accuracy": result["accuracy"]}, split="valid")
+            # Preemption signals reach the hosts at slightly different times: all stop after the same step.
+            stop = any_process(sigterm.is_set())
+            if step % c.every == 0 or step == o.steps or stop:
                 checkpointer.save(step, model, optimizer, {"data": stream.state(), "seed": config.seed},
                                   metrics=evaluated)
-            if sigterm.is_set():
+            if stop:
                 checkpointer.close()
                 raise Preempted(step, checkpointer.directory)
     checkpointer.close()
@@ -413,16 +477,18 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
 
 def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, records, valid_result, train_seconds,
             log) -> dict:
-    """Export, plots, test scores, summary.json (with the final validation result, when there is one)."""
+    """Export, plots, test scores, summary.json (with the final validation result, when there is one). With
+    several processes all translate (the model is split between them) and process 0 writes the files."""
     model.eval()
+    primary = is_primary()
     summary = {"run_dir": str(run_dir), "steps": config.optim.steps, "train_seconds": round(train_seconds, 1),
                "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
                "experts": model.config.moe.num_experts if model.config.moe is not None else 0}
     if valid_result is not None:
         summary.update(valid_loss=valid_result["loss"], valid_accuracy=valid_result["accuracy"])
-    plot_losses(run_dir)
-    if model.config.moe is not None:
-        history = read_expert_load(run_dir)
+    if primary:
+        plot_losses(run_dir)
+        history = read_expert_load(run_dir) if model.config.moe is not None else None
         if history:
             plot_expert_load(np.mean([load for _, load in history], axis=0), run_dir / "expert_load.png",
                              title="Expert load per layer, averaged over training")
@@ -435,7 +501,8 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
         prompt = batch_lib.PromptFormat(d.prompt)
         hypotheses = translate(model, tokenizer, sources, prompt=lambda s: prompt.render(s, d.src_lang, d.tgt_lang),
                                max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-        _write_atomic(run_dir / "test.hyp.txt", "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
+        if primary:
+            _write_atomic(run_dir / "test.hyp.txt", "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
         scores = score(hypotheses, references, lang_pair=f"{d.src_lang}-{d.tgt_lang}")
         summary.update(test_sentences=n, test_bleu=scores["bleu"], test_chrf=scores["chrf"],
                        bleu_signature=scores["bleu_signature"])
@@ -444,8 +511,12 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
     export = run_dir / "model"
     if config.model.lora is not None:
         merge_lora(model)
-    save_hf(model, export, overwrite=True)
-    save_tokenizer(tokenizer, export)
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if jax.process_count() > 1:  # save_hf reads whole arrays: gather each parameter from the processes
+        nnx.update(model, jax.tree.map(_to_host, nnx.state(model, nnx.Param)))
+    if primary:
+        save_hf(model, export, overwrite=True)
+        save_tokenizer(tokenizer, export)
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    sync_processes("jaxmoe train: finished")  # every process returns once the run's files are written
     log(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'samples'}, ensure_ascii=False)}")
     return summary
