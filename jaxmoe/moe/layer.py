@@ -1,6 +1,7 @@
 """The sparse MoE feed-forward block of Phi-3.5-MoE / GRIN-MoE: router, routing, dropless experts.
 
-The module owns parameters only; routing maths live in `router.py`, the expert computation in `experts.py`.
+The module owns parameters only; routing maths live in `router.py` (run through `pallas_kernels.sparsemixer_top2`),
+the expert computation in `experts.py`.
 Parameter layout: `router` [d, e] (no bias), `w_gate_up` [e, d, 2f] ([..., :f] is the gate), `w_down` [e, f, d].
 After `jaxmoe.quantize(..., target="experts")` the expert weights are `jaxmoe.quant.QuantizedParam`s holding a
 `pallas_kernels.QuantizedWeight`, which goes into `moe_ffn` packed.
@@ -11,12 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from pallas_kernels import QuantizedWeight
+from pallas_kernels import QuantizedWeight, sparsemixer_top2
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.moe.experts import moe_ffn
 from jaxmoe.moe.parallel import moe_ffn_sharded
-from jaxmoe.moe.router import sparsemixer, topk_router
+from jaxmoe.moe.router import sparsemixer_noise, topk_router
 
 
 @struct.dataclass
@@ -62,8 +63,11 @@ class SparseMoeBlock(nnx.Module):
         # The router runs in fp32: bf16 logits can flip SparseMixer's 2% threshold and the argmax.
         logits_te = x_td.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
         if self.moe.router == "sparsemixer":
-            weights_tk, experts_tk = sparsemixer(logits_te, jitter_eps=self.moe.router_jitter_noise,
-                                                 training=training, rngs=rngs if training else None)
+            # The fused router of pallas_kernels (its Pallas kernel on GPU / TPU, its XLA twin elsewhere) with the
+            # draws `jaxmoe.sparsemixer` makes; tests hold the two equal.
+            noise = sparsemixer_noise(rngs, *logits_te.shape) if training else None
+            weights_tk, experts_tk = sparsemixer_top2(logits_te, jitter_eps=self.moe.router_jitter_noise,
+                                                      training=training, noise=noise)
         else:
             weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
         compute = self.dtype or x_td.dtype

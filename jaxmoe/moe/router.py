@@ -116,17 +116,23 @@ def sparsemixer(scores: jax.Array, *, jitter_eps: float, training: bool, noise=N
     return jnp.concatenate([w1_t1, w2_t1], axis=-1), jnp.concatenate([e1_t1, e2_t1], axis=-1)
 
 
+def sparsemixer_noise(rngs: nnx.Rngs, tokens: int, experts: int) -> tuple[jax.Array, ...]:
+    """The training draws of `sparsemixer` from `rngs`' `router` stream: (exp1 [T, E], u1 [T, 1], exp2 [T, E],
+    u2 [T, 1]) float32, Exp(1) and U(0, 1) as transformers draws them."""
+    k1, k2, k3, k4 = jax.random.split(rngs.router(), 4)
+    return (jax.random.exponential(k1, (tokens, experts), jnp.float32),
+            jax.random.uniform(k2, (tokens, 1), jnp.float32),
+            jax.random.exponential(k3, (tokens, experts), jnp.float32),
+            jax.random.uniform(k4, (tokens, 1), jnp.float32))
+
+
 def _training_noise(noise, rngs, tokens: int, experts: int):
     """(exp1, u1, exp2, u2) float32: given `noise` checked against [T, E], [T, 1], [T, E], [T, 1], or fresh draws."""
     if noise is None:
         if rngs is None:
             raise ValueError("sparsemixer: training=True samples experts; pass noise=(exp1, u1, exp2, u2) or "
                              "rngs=nnx.Rngs(...), or use training=False for deterministic routing.")
-        k1, k2, k3, k4 = jax.random.split(rngs.router(), 4)
-        return (jax.random.exponential(k1, (tokens, experts), jnp.float32),
-                jax.random.uniform(k2, (tokens, 1), jnp.float32),
-                jax.random.exponential(k3, (tokens, experts), jnp.float32),
-                jax.random.uniform(k4, (tokens, 1), jnp.float32))
+        return sparsemixer_noise(rngs, tokens, experts)
     if len(noise) != 4:
         raise ValueError(f"sparsemixer: noise has {len(noise)} arrays; expected 4: (exp1, u1, exp2, u2).")
     expected = [(tokens, experts), (tokens, 1), (tokens, experts), (tokens, 1)]
