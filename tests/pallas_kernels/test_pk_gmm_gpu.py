@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gmm_oracle import np_gmm, np_tgmm, randn, rel_err
 from pallas_kernels.grouped import gpu, reference
 from pallas_kernels.quant import quantize_weight
 
@@ -21,35 +22,6 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # G = 6 groups: an empty one, a one-row one, non-multiples of tm; 66 of the 80 rows belong to a group.
 SIZES = np.array([9, 0, 33, 1, 17, 6], np.int32)
 M = 80
-
-
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _randn(rng, shape, dtype=jnp.float32):
-    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-
-
-def _np_gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=False):
-    """float64 loop: rows of group group_offset + i times rhs[i] (or rhs[i].T); all other rows zero."""
-    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-    ends = np.cumsum(group_sizes)
-    out = np.zeros((lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]))
-    for i in range(rhs.shape[0]):
-        stop = ends[group_offset + i]
-        start = stop - group_sizes[group_offset + i]
-        out[start:stop] = lhs[start:stop] @ (rhs[i].T if transpose_rhs else rhs[i])
-    return out
-
-
-def _np_tgmm(lhs, dout, group_sizes, group_offset, num_groups):
-    lhs, dout = np.asarray(lhs, np.float64), np.asarray(dout, np.float64)
-    ends = np.cumsum(group_sizes)
-    starts = ends - group_sizes
-    return np.stack([lhs[starts[g]:ends[g]].T @ dout[starts[g]:ends[g]]
-                     for g in range(group_offset, group_offset + num_groups)])
 
 
 # Most of this file's time is XLA:CPU compiling the interpreted kernels; unoptimised code runs these tiny shapes
@@ -95,10 +67,10 @@ def test_row_tiles_partition_rows_into_group_aligned_tiles():
 @pytest.mark.parametrize("dtype,group_offset,num_local", [(jnp.float32, 2, 3), (jnp.bfloat16, 0, 6)])
 def test_gmm_matches_numpy_loop_and_zeroes_other_rows(dtype, group_offset, num_local):
     rng = np.random.default_rng(0)
-    lhs, rhs = _randn(rng, (M, 72), dtype), _randn(rng, (num_local, 72, 80), dtype)
+    lhs, rhs = randn(rng, (M, 72), dtype), randn(rng, (num_local, 72, 80), dtype)
     got = _call(lhs, rhs, SIZES, group_offset)
     assert got.dtype == dtype and got.shape == (M, 80)
-    assert _rel_err(got, _np_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), SIZES, group_offset)) < TOL[dtype]
+    assert rel_err(got, np_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), SIZES, group_offset)) < TOL[dtype]
     ends = np.cumsum(SIZES)
     local = np.zeros(M, bool)
     local[ends[group_offset] - SIZES[group_offset]:ends[group_offset + num_local - 1]] = True
@@ -108,38 +80,38 @@ def test_gmm_matches_numpy_loop_and_zeroes_other_rows(dtype, group_offset, num_l
 def test_gmm_fewer_rows_than_one_tile():
     rng = np.random.default_rng(2)
     sizes = np.array([3, 0, 4], np.int32)  # 7 of m = 9 rows, tm = 16
-    lhs, rhs = _randn(rng, (9, 32)), _randn(rng, (3, 32, 48))
-    assert _rel_err(_call(lhs, rhs, sizes), _np_gmm(lhs, rhs, sizes, 0)) < 1e-5
+    lhs, rhs = randn(rng, (9, 32)), randn(rng, (3, 32, 48))
+    assert rel_err(_call(lhs, rhs, sizes), np_gmm(lhs, rhs, sizes, 0)) < 1e-5
 
 
 def test_gmm_transpose_rhs_matches_numpy_loop():
     rng = np.random.default_rng(3)
-    lhs, rhs = _randn(rng, (M, 80)), _randn(rng, (4, 72, 80))  # out [m, 72]
+    lhs, rhs = randn(rng, (M, 80)), randn(rng, (4, 72, 80))  # out [m, 72]
     got = _call(lhs, rhs, SIZES, 1, transpose_rhs=True)
     assert got.shape == (M, 72)
-    assert _rel_err(got, _np_gmm(lhs, rhs, SIZES, 1, transpose_rhs=True)) < 1e-5
+    assert rel_err(got, np_gmm(lhs, rhs, SIZES, 1, transpose_rhs=True)) < 1e-5
 
 
 def test_gmm_matches_xla_reference_with_mixed_dtypes():
     rng = np.random.default_rng(4)
-    lhs, rhs = _randn(rng, (M, 72), jnp.bfloat16), _randn(rng, (3, 72, 80))
+    lhs, rhs = randn(rng, (M, 72), jnp.bfloat16), randn(rng, (3, 72, 80))
     got = _call(lhs, rhs, SIZES, 1, out_dtype=jnp.float32)  # bf16 x fp32 computes in fp32
     want = _ref_gmm(lhs, rhs, jnp.asarray(SIZES), group_offset=jnp.int32(1), transpose_rhs=False,
                     out_dtype=jnp.float32)
-    assert got.dtype == jnp.float32 and _rel_err(got, want) < 1e-5
+    assert got.dtype == jnp.float32 and rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,group_offset,num_groups", [(jnp.float32, 1, 3), (jnp.bfloat16, 0, 6)])
 def test_tgmm_matches_numpy_loop_and_xla_reference(dtype, group_offset, num_groups):
     rng = np.random.default_rng(5)
-    lhs, dout, sizes = _randn(rng, (M, 72), dtype), _randn(rng, (M, 48), dtype), jnp.asarray(SIZES)
+    lhs, dout, sizes = randn(rng, (M, 72), dtype), randn(rng, (M, 48), dtype), jnp.asarray(SIZES)
     kwargs = dict(group_offset=jnp.int32(group_offset), num_groups=num_groups)
     got = _tgmm(lhs, dout, sizes, interpret=True, tiling=SMALL, **kwargs)
     assert got.shape == (num_groups, 72, 48) and got.dtype == jnp.float32
     # bf16 inputs are exact in float32, so both dtypes are held to float32 accuracy
-    assert _rel_err(got, _np_tgmm(lhs.astype(jnp.float32), dout.astype(jnp.float32), SIZES, group_offset,
+    assert rel_err(got, np_tgmm(lhs.astype(jnp.float32), dout.astype(jnp.float32), SIZES, group_offset,
                                   num_groups)) < 1e-5
-    assert _rel_err(got, _ref_tgmm(lhs, dout, sizes, **kwargs)) < 1e-5
+    assert rel_err(got, _ref_tgmm(lhs, dout, sizes, **kwargs)) < 1e-5
     empty = [i for i in range(num_groups) if SIZES[group_offset + i] == 0]
     assert empty and all(np.all(np.asarray(got[i]) == 0) for i in empty)
 
@@ -149,20 +121,20 @@ def test_tgmm_matches_numpy_loop_and_xla_reference(dtype, group_offset, num_grou
 def test_quantized_gmm_equals_lhs_times_dequantized_weight(bits, group_size):
     # k = 128: one packing block, planes of 128/64/16/32 rows; n = 48 leaves a ragged n tile.
     rng = np.random.default_rng(bits * 100 + (group_size or 0))
-    lhs, w = _randn(rng, (M, 128)), _randn(rng, (3, 128, 48))
+    lhs, w = randn(rng, (M, 128)), randn(rng, (3, 128, 48))
     q = _quantize(w, bits=bits, group_size=group_size)
     got = _call(lhs, q, SIZES, 1)
-    assert _rel_err(got, _np_gmm(lhs, _dequantize(q), SIZES, 1)) < 1e-5
+    assert rel_err(got, np_gmm(lhs, _dequantize(q), SIZES, 1)) < 1e-5
 
 
 def test_quantized_gmm_asymmetric_bf16_several_blocks():
     # k = 384: three 128-row packing blocks (three k steps); asymmetric zero points; bf16 activations.
     rng = np.random.default_rng(7)
-    lhs, w = _randn(rng, (M, 384), jnp.bfloat16), _randn(rng, (6, 384, 32))
+    lhs, w = randn(rng, (M, 384), jnp.bfloat16), randn(rng, (6, 384, 32))
     q = _quantize(w, bits=4, group_size=64, symmetric=False)
     assert q.zero is not None and q.block_k == 128
-    want = _np_gmm(lhs.astype(jnp.float32), _dequantize(q), SIZES, 0)
-    assert _rel_err(_call(lhs, q, SIZES), want) < 1e-2
+    want = np_gmm(lhs.astype(jnp.float32), _dequantize(q), SIZES, 0)
+    assert rel_err(_call(lhs, q, SIZES), want) < 1e-2
 
 
 def test_public_gmm_gradients_through_pallas_gpu_match_xla():
@@ -170,7 +142,7 @@ def test_public_gmm_gradients_through_pallas_gpu_match_xla():
     import pallas_kernels as pk
 
     rng = np.random.default_rng(9)
-    lhs, rhs, dout = _randn(rng, (M, 32)), _randn(rng, (3, 32, 48)), _randn(rng, (M, 48))
+    lhs, rhs, dout = randn(rng, (M, 32)), randn(rng, (3, 32, 48)), randn(rng, (M, 48))
     sizes = jnp.asarray(SIZES)
 
     def loss(lhs, rhs, backend):
@@ -181,21 +153,21 @@ def test_public_gmm_gradients_through_pallas_gpu_match_xla():
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(lhs, rhs, "pallas_gpu"))
     assert "pallas_gpu_gmm" in jaxpr and "pallas_gpu_tgmm" in jaxpr  # no silent fallback to XLA
     want = jax.grad(loss, argnums=(0, 1))(lhs, rhs, "xla")
-    assert all(_rel_err(g, w) < 1e-5 for g, w in zip(got, want))
+    assert all(rel_err(g, w) < 1e-5 for g, w in zip(got, want))
 
 
 def test_unsupported_cases_raise_not_implemented():
     rng = np.random.default_rng(8)
-    q = _quantize(_randn(rng, (2, 32, 32)), bits=2, group_size=None)  # block_k 32 -> 8-row planes
-    lhs = _randn(rng, (M, 32))
+    q = _quantize(randn(rng, (2, 32, 32)), bits=2, group_size=None)  # block_k 32 -> 8-row planes
+    lhs = randn(rng, (M, 32))
     kwargs = dict(group_offset=jnp.int32(0), out_dtype=jnp.float32, interpret=True)
     with pytest.raises(NotImplementedError, match="transpose_rhs"):
-        gpu.gmm(lhs, _quantize(_randn(rng, (2, 32, 32)), bits=8, group_size=None), jnp.asarray(SIZES),
+        gpu.gmm(lhs, _quantize(randn(rng, (2, 32, 32)), bits=8, group_size=None), jnp.asarray(SIZES),
                 transpose_rhs=True, **kwargs)
     with pytest.raises(NotImplementedError, match="chunks"):
         gpu.gmm(lhs, q, jnp.asarray(SIZES), transpose_rhs=False, **kwargs)
     with pytest.raises(NotImplementedError, match="n=8"):
-        gpu.gmm(lhs, _randn(rng, (2, 32, 8)), jnp.asarray(SIZES), transpose_rhs=False, **kwargs)
+        gpu.gmm(lhs, randn(rng, (2, 32, 8)), jnp.asarray(SIZES), transpose_rhs=False, **kwargs)
 
 
 def test_tiling_rejects_non_power_of_two():

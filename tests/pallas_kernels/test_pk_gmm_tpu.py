@@ -11,40 +11,12 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from gmm_oracle import np_gmm, np_tgmm, randn, rel_err
 from pallas_kernels.grouped import reference, tpu
 from pallas_kernels.quant import quantize_weight
 
 SMALL = tpu.Tiling(tm=16, tk=128, tn=128)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-
-
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _randn(rng, shape, dtype):
-    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-
-
-def _np_gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=False):
-    """float64 loop: rows of group group_offset + i times rhs[i] (or rhs[i].T); all other rows zero."""
-    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-    ends = np.cumsum(group_sizes)
-    out = np.zeros((lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]))
-    for i in range(rhs.shape[0]):
-        stop = ends[group_offset + i]
-        start = stop - group_sizes[group_offset + i]
-        out[start:stop] = lhs[start:stop] @ (rhs[i].T if transpose_rhs else rhs[i])
-    return out
-
-
-def _np_tgmm(lhs, dout, group_sizes, group_offset, num_groups):
-    lhs, dout = np.asarray(lhs, np.float64), np.asarray(dout, np.float64)
-    ends = np.cumsum(group_sizes)
-    starts = ends - group_sizes
-    return np.stack([lhs[starts[g]:ends[g]].T @ dout[starts[g]:ends[g]]
-                     for g in range(group_offset, group_offset + num_groups)])
 
 
 def _gmm(lhs, rhs, group_sizes, group_offset=0, transpose_rhs=False, tiling=SMALL):
@@ -78,19 +50,19 @@ def test_group_metadata_visits_each_group_tile_pair_in_order():
 def test_gmm_matches_numpy_with_shared_tiles_empty_group_and_ragged_k_n(dtype):
     rng = np.random.default_rng(0)
     sizes = np.array([16, 0, 21, 23], np.int32)  # rows 60..71 belong to no group
-    lhs, rhs = _randn(rng, (72, 160), dtype), _randn(rng, (4, 160, 144), dtype)
+    lhs, rhs = randn(rng, (72, 160), dtype), randn(rng, (4, 160, 144), dtype)
     out = _gmm(lhs, rhs, sizes)
     assert out.shape == (72, 144) and out.dtype == dtype
-    assert _rel_err(out, _np_gmm(lhs, rhs, sizes, 0)) <= TOL[dtype]
+    assert rel_err(out, np_gmm(lhs, rhs, sizes, 0)) <= TOL[dtype]
     assert not np.asarray(out[60:]).any()
 
 
 def test_gmm_group_offset_computes_only_the_local_groups():
     rng = np.random.default_rng(1)
     sizes = np.array([9, 20, 0, 25, 10], np.int32)  # local groups 1..3 own rows 9..53
-    lhs, rhs_local = _randn(rng, (72, 160), jnp.float32), _randn(rng, (3, 160, 144), jnp.float32)
+    lhs, rhs_local = randn(rng, (72, 160), jnp.float32), randn(rng, (3, 160, 144), jnp.float32)
     out = _gmm(lhs, rhs_local, sizes, group_offset=1)
-    assert _rel_err(out, _np_gmm(lhs, rhs_local, sizes, 1)) <= 1e-5
+    assert rel_err(out, np_gmm(lhs, rhs_local, sizes, 1)) <= 1e-5
     assert not np.asarray(out[:9]).any() and not np.asarray(out[54:]).any()
 
 
@@ -98,13 +70,13 @@ def test_gmm_group_offset_computes_only_the_local_groups():
 def test_gmm_transpose_rhs_multiplies_by_each_groups_transpose(dtype):
     rng = np.random.default_rng(2)
     sizes = np.array([9, 20, 0, 25, 10], np.int32)
-    lhs, rhs = _randn(rng, (72, 144), dtype), _randn(rng, (4, 160, 144), dtype)
+    lhs, rhs = randn(rng, (72, 144), dtype), randn(rng, (4, 160, 144), dtype)
     out = _gmm(lhs, rhs, sizes, group_offset=1, transpose_rhs=True)
     assert out.shape == (72, 160)
-    assert _rel_err(out, _np_gmm(lhs, rhs, sizes, 1, transpose_rhs=True)) <= TOL[dtype]
+    assert rel_err(out, np_gmm(lhs, rhs, sizes, 1, transpose_rhs=True)) <= TOL[dtype]
     want = reference.gmm(lhs, rhs, jnp.asarray(sizes), group_offset=jnp.int32(1), transpose_rhs=True,
                          out_dtype=dtype)
-    assert _rel_err(out, want) <= TOL[dtype]
+    assert rel_err(out, want) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -112,11 +84,11 @@ def test_tgmm_matches_numpy_including_empty_groups(dtype):
     rng = np.random.default_rng(3)
     # Local groups 1..4: group 2 is empty, group 4 is empty and starts at row m (= 64, a tile multiple).
     sizes = np.array([9, 20, 0, 35, 0], np.int32)
-    lhs, dout = _randn(rng, (64, 160), dtype), _randn(rng, (64, 144), dtype)
+    lhs, dout = randn(rng, (64, 160), dtype), randn(rng, (64, 144), dtype)
     got = tpu.tgmm(lhs, dout, jnp.asarray(sizes), group_offset=jnp.int32(1), num_groups=4, interpret=True,
                    tiling=SMALL)
     assert got.shape == (4, 160, 144) and got.dtype == jnp.float32
-    assert _rel_err(got, _np_tgmm(lhs, dout, sizes, 1, 4)) <= TOL[dtype]
+    assert rel_err(got, np_tgmm(lhs, dout, sizes, 1, 4)) <= TOL[dtype]
     assert not np.asarray(got[1]).any() and not np.asarray(got[3]).any()
 
 
@@ -126,23 +98,23 @@ def test_quantized_gmm_equals_lhs_times_dequantized_weight(bits):
     # sizes 32 and 64 put 4 or 2 scale groups in each tile.
     rng = np.random.default_rng(10 + bits)
     sizes = jnp.array([7, 0, 30, 19], jnp.int32)
-    lhs, w = _randn(rng, (64, 384), jnp.float32), _randn(rng, (4, 384, 128), jnp.float32)
+    lhs, w = randn(rng, (64, 384), jnp.float32), randn(rng, (4, 384, 128), jnp.float32)
     for group_size in (32, 64, None):
         q = quantize_weight(w, bits=bits, group_size=group_size)
         out = _gmm(lhs, q, sizes, tiling=tpu.Tiling(tm=32, tk=128, tn=128))
-        assert _rel_err(out, _np_gmm(lhs, q.dequantize(jnp.float32), np.asarray(sizes), 0)) <= 1e-5, group_size
+        assert rel_err(out, np_gmm(lhs, q.dequantize(jnp.float32), np.asarray(sizes), 0)) <= 1e-5, group_size
 
 
 @pytest.mark.parametrize("dtype,bits,group_size", [(jnp.float32, 3, 64), (jnp.bfloat16, 4, 32)])
 def test_asymmetric_quantized_gmm_with_group_offset_matches_reference(dtype, bits, group_size):
     rng = np.random.default_rng(20 + bits)
     sizes = jnp.array([9, 20, 0, 25, 10], jnp.int32)
-    lhs = _randn(rng, (64, 384), dtype)
-    w = _randn(rng, (3, 384, 128), jnp.float32) + 0.5  # off-centre, so the zero points differ from 2^(bits-1)
+    lhs = randn(rng, (64, 384), dtype)
+    w = randn(rng, (3, 384, 128), jnp.float32) + 0.5  # off-centre, so the zero points differ from 2^(bits-1)
     q = quantize_weight(w, bits=bits, group_size=group_size, symmetric=False)
     out = _gmm(lhs, q, sizes, group_offset=1, tiling=tpu.Tiling(tm=32, tk=128, tn=128))
     want = reference.gmm(lhs, q, sizes, group_offset=jnp.int32(1), transpose_rhs=False, out_dtype=dtype)
-    assert _rel_err(out, want) <= TOL[dtype]
+    assert rel_err(out, want) <= TOL[dtype]
     assert not np.asarray(out[:9]).any() and not np.asarray(out[54:]).any()
 
 
@@ -166,7 +138,7 @@ def test_gradients_through_pk_gmm_match_the_xla_backend():
     # tiling, so one 40-row tile shared by three groups.
     rng = np.random.default_rng(4)
     sizes = jnp.array([11, 0, 17, 9], jnp.int32)
-    lhs, rhs, dout = (_randn(rng, s, jnp.float32) for s in ((40, 96), (4, 96, 80), (40, 80)))
+    lhs, rhs, dout = (randn(rng, s, jnp.float32) for s in ((40, 96), (4, 96, 80), (40, 80)))
 
     def loss(backend, interpret):
         return lambda x, w: jnp.sum(pk.gmm(x, w, sizes, backend=backend, interpret=interpret) * dout)
@@ -174,7 +146,7 @@ def test_gradients_through_pk_gmm_match_the_xla_backend():
     got = jax.grad(loss("pallas_tpu", True), argnums=(0, 1))(lhs, rhs)
     want = jax.grad(loss("xla", False), argnums=(0, 1))(lhs, rhs)
     for g, w in zip(got, want):
-        assert _rel_err(g, w) <= 1e-5
+        assert rel_err(g, w) <= 1e-5
 
 
 @pytest.mark.parametrize("bad", [dict(tm=12), dict(tk=64), dict(tn=0)])
