@@ -19,7 +19,8 @@ from flax import nnx
 
 from jaxmoe.demo import DEFAULT_STEPS, run_demo
 from jaxmoe.infer.generate import generate
-from jaxmoe.io.hf import CheckpointError, load_hf
+from jaxmoe.io.hf import CheckpointError
+from jaxmoe.io.load import load_model
 from jaxmoe.io.tokenizer import Tokenizer
 from jaxmoe.quant.cli import add_convert_parser, add_quantize_parser, run_convert, run_quantize
 
@@ -155,7 +156,7 @@ def _run_translate(args) -> int:
                          "config.json, model.safetensors and tokenizer.json (e.g. a training run's model/)")
     prompt = PromptFormat(args.prompt or ALMA_PROMPT)
     tokenizer = Tokenizer.from_folder(args.model)
-    model = load_hf(args.model)
+    model = load_model(args.model)
     translations = translate_file(model, tokenizer, args.src, args.out,
                                   prompt=lambda s: prompt.render(s, args.src_lang, args.tgt_lang),
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -198,7 +199,7 @@ def _run_generate(args) -> int:
         raise UsageError(f"--model {str(args.model)!r} has no tokenizer.json; copy the tokenizer files of the "
                          "checkpoint (tokenizer.json, tokenizer_config.json) into the folder")
     tokenizer = Tokenizer.from_folder(args.model)
-    model = load_hf(args.model, dtype=jnp.dtype(args.dtype))
+    model = load_model(args.model, dtype=jnp.dtype(args.dtype))
     config = model.config
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)

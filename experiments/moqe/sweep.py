@@ -50,7 +50,7 @@ class Run:
         self.config = load_run_config(run_dir / "run_config.yaml")
         records = trainer.load_records(self.config, run_dir / "tfds")
         self.tokenizer = Tokenizer.from_folder(run_dir / "model")
-        self.model = jaxmoe.load_hf(run_dir / "model", dtype=jnp.float32)
+        self.model = jaxmoe.load_model(run_dir / "model", dtype=jnp.float32)
         d, o = self.config.data, self.config.optim
         self.prompt = batch_lib.PromptFormat(d.prompt)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -25,6 +25,7 @@ from jaxmoe.io.atomic import atomic_folder
 from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
+from jaxmoe.nn.multi_lora import base_param_dict
 
 __all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "load_hf", "save_hf"]
 
@@ -103,8 +104,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def _check_representable(c: ModelConfig) -> None:
-    """transformers has no class for some jaxmoe configurations; saving them as phi3/phimoe would change outputs."""
+def hf_problems(c: ModelConfig) -> str | None:
+    """Why transformers has no class for this configuration (saving it as phi3/phimoe would change outputs), or
+    None when `save_hf` can write it."""
     if c.moe is None:
         problems = [f"{name}={getattr(c, name)!r}" for name, ok in
                     (("norm", c.norm == "rms"), ("attention_bias", not c.attention_bias),
@@ -117,9 +119,15 @@ def _check_representable(c: ModelConfig) -> None:
                      ("partial_rotary_factor", c.partial_rotary_factor, c.partial_rotary_factor == 1.0),
                      ("tie_word_embeddings", c.tie_word_embeddings, not c.tie_word_embeddings)) if not ok]
         target = ("PhimoeForCausalLM (LayerNorm, SparseMixer top-2, dropless, full rotary, untied head)")
-    if problems:
-        raise ValueError(f"this model cannot be saved as a transformers checkpoint: {', '.join(problems)} has no "
-                         f"counterpart in {target}; save it with orbax instead, or change the config")
+    return f"{', '.join(problems)} has no counterpart in {target}" if problems else None
+
+
+def _check_representable(c: ModelConfig) -> None:
+    problem = hf_problems(c)
+    if problem:
+        raise ValueError(f"this model cannot be saved as a transformers checkpoint: {problem}; save it in jaxmoe's "
+                         "own format instead (jaxmoe.save_quantized, which also writes float models), or change "
+                         "the config")
 
 
 def config_to_hf(config: ModelConfig, *, dtype=jnp.float32) -> dict:
@@ -220,24 +228,30 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}.{hint}")
 
 
-def _piece_shape(region: tuple, param_shape: tuple, transpose: bool) -> tuple:
-    shape = np.broadcast_to(np.empty((), np.bool_), param_shape)[region].shape  # zero-stride view, no buffer
-    return tuple(shape[::-1]) if transpose else tuple(shape)
+def _piece_shape(piece, param_shape: tuple) -> tuple:
+    """The Hub tensor's shape for `piece` of a parameter of `param_shape`."""
+    shape = np.broadcast_to(np.empty((), np.bool_), param_shape)[piece.region].shape  # zero-stride view, no buffer
+    return piece.hub_shape(shape)
 
 
-def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *, place) -> dict:
-    """Every parameter read into a host buffer and handed to `place(path, host)` (device placement) one by one."""
+def _tied_head(name: str) -> bool:
+    return name == "lm_head.weight"
+
+
+def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *, place, ignore=_tied_head) -> dict:
+    """Every parameter read into a host buffer and handed to `place(path, host)` (device placement) one by one.
+    Tensors of the folder that no spec reads are refused unless `ignore(name)` (default: a tied lm_head)."""
     files = _tensor_files(folder)
     pieces = {piece.name: (spec, piece) for spec in specs for piece in spec.pieces}
     missing = sorted(set(pieces) - set(files))
     if missing:
         spec, piece = pieces[missing[0]]
-        shape = _piece_shape(piece.region, _get(abstract, spec.path).shape, piece.transpose)
+        shape = _piece_shape(piece, _get(abstract, spec.path).shape)
         raise CheckpointError(
             f"tensor {missing[0]!r} (expected shape {list(shape)}) is missing from {str(folder)!r}"
             + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
             + "; the checkpoint does not match its config.json")
-    unexpected = sorted(set(files) - set(pieces) - {"lm_head.weight"})
+    unexpected = sorted(name for name in set(files) - set(pieces) if not ignore(name))
     if unexpected:
         raise CheckpointError(
             f"unexpected tensor {unexpected[0]!r} in {str(folder)!r} ({len(unexpected)} in all); the config.json "
@@ -256,13 +270,13 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *,
                         opened.pop(next(iter(opened))).close()
                     opened[file] = SafetensorsFile(file)
                 f = opened[file]
-                expected = _piece_shape(piece.region, want, piece.transpose)
+                expected = _piece_shape(piece, want)
                 if f.shape(piece.name) != expected:
                     raise CheckpointError(
                         f"tensor {piece.name!r} in {file.name} has shape {list(f.shape(piece.name))}; the config "
                         f"expects {list(expected)}. The checkpoint does not match its config.json")
                 view = f.array(piece.name)
-                np.copyto(host[piece.region], view.T if piece.transpose else view, casting="unsafe")
+                np.copyto(host[piece.region], piece.to_ours(view), casting="unsafe")
                 del view
             _set(params, spec.path, place(spec.path, host))
             del host
@@ -273,15 +287,21 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *,
 
 
 def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3ForCausalLM:
-    """Reads a Hugging Face `phi3` or `phimoe` checkpoint folder; returns Phi3ForCausalLM or PhimoeForCausalLM in
-    eval mode, parameters in `dtype`, computing in `compute_dtype` (default: `dtype`; e.g. float32 master
-    weights with bfloat16 compute for fine-tuning).
+    """Reads a Hugging Face `phi3`, `phimoe` or `phi4_multimodal` checkpoint folder; returns Phi3ForCausalLM,
+    PhimoeForCausalLM or Phi4MultimodalForCausalLM (`jaxmoe.io.phi4mm`) in eval mode, parameters in `dtype`,
+    computing in `compute_dtype` (default: `dtype`; e.g. float32 master weights with bfloat16 compute for
+    fine-tuning).
 
     mesh: a `jax.sharding.Mesh` with axes from data, fsdp, expert, tensor (`jaxmoe.sharding.make_mesh`): each
     parameter goes to its devices by `jaxmoe.sharding`'s rules as soon as it is read (one parameter at a time on
     the host), and MoE blocks run expert-parallel over the `expert` axis."""
     folder = Path(path)
-    config = config_from_hf(_read_config(folder))
+    hf = _read_config(folder)
+    if hf.get("model_type") == "phi4_multimodal":
+        from jaxmoe.io.phi4mm import load_phi4mm
+
+        return load_phi4mm(folder, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
+    config = config_from_hf(hf)
     model_class = Phi3ForCausalLM if config.moe is None else PhimoeForCausalLM
     abstract_model = nnx.eval_shape(lambda: model_class(config, dtype=compute_dtype, param_dtype=dtype,
                                                         rngs=nnx.Rngs(0)))
@@ -320,27 +340,40 @@ def _shards(tensors: dict[str, jax.Array], max_bytes: int) -> list[dict[str, jax
 
 
 def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_bytes: int = _DEFAULT_SHARD_BYTES):
-    """Writes config.json and safetensors weights that transformers' `Phi3ForCausalLM` (dense) or
-    `PhimoeForCausalLM` (MoE) `from_pretrained` loads, with Hub tensor names (`jaxmoe.io.names`).
+    """Writes config.json and safetensors weights that transformers' `Phi3ForCausalLM` (dense),
+    `PhimoeForCausalLM` (MoE) or `Phi4MultimodalForCausalLM` `from_pretrained` loads, with Hub tensor names
+    (`jaxmoe.io.names`). Mixture-of-LoRA adapters (`jaxmoe.nn.multi_lora`) are left out.
 
     Refuses to replace an existing non-empty folder unless `overwrite=True`; the write is atomic either way.
     """
+    from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
+
+    if isinstance(model, Phi4MultimodalForCausalLM):
+        from jaxmoe.io.phi4mm import save_phi4mm
+
+        return save_phi4mm(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     target = Path(path)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
                               "or choose another path")
     config = model.config
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    pure = base_param_dict(model)
     tensors = {}
     for spec in param_specs(config):
         value = jnp.asarray(_get(pure, spec.path))
         for piece in spec.pieces:
             part = value[piece.region]
-            tensors[piece.name] = part.T if piece.transpose else part
+            tensors[piece.name] = piece.to_hub(part)
     dtype = tensors["model.embed_tokens.weight"].dtype
+    _write_folder(target, config_to_hf(config, dtype=dtype), tensors, max_shard_bytes)
+    return target
+
+
+def _write_folder(target: Path, hf_config: dict, tensors: dict, max_shard_bytes: int) -> None:
+    """config.json plus the tensors in one or more safetensors shards (with an index), written atomically."""
     with atomic_folder(target) as tmp:
         with open(tmp / "config.json", "w") as f:
-            json.dump(config_to_hf(config, dtype=dtype), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -353,4 +386,3 @@ def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_
             total = sum(t.nbytes for t in tensors.values())
             with open(tmp / "model.safetensors.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return target

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import numpy as np
+
 from jaxmoe.config import ModelConfig
 
 ALL = (slice(None),)
@@ -20,7 +22,28 @@ ALL = (slice(None),)
 class Piece:
     name: str  # the Hugging Face tensor name
     region: tuple  # index into our parameter (ALL for the whole of it)
-    transpose: bool
+    # True: ours is the Hub tensor transposed (all axes reversed, a linear layer's [out, in] -> [in, out]); a
+    # tuple of axes: ours = np.transpose(hub, axes) (a torch conv's [out, in, kh, kw] -> (2, 3, 1, 0)).
+    transpose: bool | tuple[int, ...]
+
+    def to_ours(self, hub):
+        """The Hub tensor's values in our parameter's layout (a view where NumPy can make one)."""
+        if self.transpose is True:
+            return hub.T
+        return hub.transpose(self.transpose) if self.transpose else hub
+
+    def to_hub(self, ours):
+        """Our region's values in the Hub tensor's layout."""
+        if self.transpose is True:
+            return ours.T
+        return ours.transpose(tuple(int(i) for i in np.argsort(self.transpose))) if self.transpose else ours
+
+    def hub_shape(self, ours_shape: tuple) -> tuple:
+        if self.transpose is True:
+            return tuple(ours_shape[::-1])
+        if self.transpose:
+            return tuple(ours_shape[int(i)] for i in np.argsort(self.transpose))
+        return tuple(ours_shape)
 
 
 @dataclasses.dataclass(frozen=True)

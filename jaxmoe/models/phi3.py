@@ -117,10 +117,14 @@ class Phi3ForCausalLM(nnx.Module):
         return KVCache.create(num_layers=c.num_layers, batch=batch, max_len=max_len, num_kv_heads=c.num_kv_heads,
                               head_dim=c.head_dim, dtype=dtype or self.dtype)
 
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
-                 cache: KVCache | None = None, logits_to_keep: int = 0,
+    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+                 segment_ids=None, cache: KVCache | None = None, logits_to_keep: int = 0,
                  rngs: nnx.Rngs | None = None) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
+
+        inputs_embeds: optional float [b, t, hidden] used instead of embedding input_ids (multimodal models
+        splice image and audio features into the embedded text); input_ids may then be None, or given to be
+        validated against the same [b, t].
 
         attention_mask: optional [b, t] (1 = token, 0 = padding). positions: optional int [b, t]; by default
         the count of real tokens before each one (so left padding works), counted within each segment when
@@ -131,12 +135,22 @@ class Phi3ForCausalLM(nnx.Module):
         as transformers does; generation's prefill needs just the last one. `rngs` feeds the MoE routers'
         sampling and jitter in training mode (`model.train()`).
         """
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"input_ids must be an integer array [batch, time]; got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        check_token_ids(input_ids, self.config.vocab_size)
-        b, t = input_ids.shape
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids int [batch, time] or inputs_embeds float [batch, time, hidden]")
+        if input_ids is not None:
+            input_ids = jnp.asarray(input_ids)
+            if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+                raise ValueError(f"input_ids must be an integer array [batch, time]; got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}")
+            check_token_ids(input_ids, self.config.vocab_size)
+        if inputs_embeds is not None:
+            inputs_embeds = jnp.asarray(inputs_embeds)
+            want = (*(input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]), self.config.hidden_size)
+            if inputs_embeds.shape != want or not jnp.issubdtype(inputs_embeds.dtype, jnp.floating):
+                raise ValueError(f"inputs_embeds must be a float array [batch, time, hidden] = {list(want)}"
+                                 f"{' (input_ids shape plus hidden)' if input_ids is not None else ''}; got "
+                                 f"{inputs_embeds.dtype} {list(inputs_embeds.shape)}")
+        b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if segment_ids is not None:
             if cache is not None:
@@ -161,7 +175,7 @@ class Phi3ForCausalLM(nnx.Module):
         mask = AttentionMask(positions, k_positions, segment_ids, self.config.sliding_window)
         cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         call_layer = _rematerialised_layer if self.config.remat == "layer" else DecoderLayer.__call__
         new_k, new_v, routings = [], [], []
         for i, layer in enumerate(self.layers):

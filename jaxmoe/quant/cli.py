@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax.numpy as jnp
 
-from jaxmoe.io.hf import load_hf, save_hf
-from jaxmoe.quant.checkpoint import FORMATS, is_jaxmoe_checkpoint, load_quantized, save_quantized
+from jaxmoe.io.hf import save_hf
+from jaxmoe.io.load import load_model
+from jaxmoe.quant.checkpoint import FORMATS, is_jaxmoe_checkpoint, save_quantized
 from jaxmoe.quant.memory import bytes_by_group
 from jaxmoe.quant.plan import BITS, TARGETS
 from jaxmoe.quant.quantize import quantization_report, quantize
@@ -85,9 +85,7 @@ def _side_files(folder: Path) -> list[Path]:
 def _load(folder: Path, dtype: str):
     if not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is not a folder; expected a checkpoint folder with config.json")
-    if is_jaxmoe_checkpoint(folder):
-        return load_quantized(folder)
-    return load_hf(folder, dtype=jnp.dtype(dtype))
+    return load_model(folder, dtype=None if is_jaxmoe_checkpoint(folder) else dtype)
 
 
 def format_report(before: dict[str, int], after: dict[str, int]) -> str:

@@ -6,7 +6,8 @@ resume of parameters, optimizer state, step, RNG and data position) -> metrics (
 bar, plots) -> at the end a Hugging Face export, validation loss and BLEU / chrF on the test split.
 
 Run folder: run_config.yaml, tokenizer/, checkpoints/<step>/, metrics.jsonl, expert_load.jsonl, tb/, loss.png,
-expert_load.png, model/ (save_hf + tokenizer), test.hyp.txt, summary.json.
+expert_load.png, model/ (save_hf + tokenizer; jaxmoe's format via save_quantized when transformers has no class for
+the config: `jaxmoe.load_model` reads either), test.hyp.txt, summary.json.
 
 Several processes (multi-host, after `jax.distributed.initialize`): every process calls `train` with the same
 config; the mesh spans all their devices, and run_dir must be on storage they all share. Each process builds only
@@ -41,8 +42,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxmoe import sharding
 from jaxmoe.config import MoEConfig, get_preset
 from jaxmoe.io.bpe import save_tokenizer, train_bpe
-from jaxmoe.io.hf import load_hf, save_hf
+from jaxmoe.io.hf import hf_problems, load_hf, save_hf
 from jaxmoe.io.tokenizer import Tokenizer
+from jaxmoe.quant.checkpoint import save_quantized
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
 from jaxmoe.mt.eval import score, translate
@@ -514,7 +516,11 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
     if jax.process_count() > 1:  # save_hf reads whole arrays: gather each parameter from the processes
         nnx.update(model, jax.tree.map(_to_host, nnx.state(model, nnx.Param)))
     if primary:
-        save_hf(model, export, overwrite=True)
+        if hf_problems(model.config) is None:
+            save_hf(model, export, overwrite=True)
+        else:  # no transformers class for it: jaxmoe's own format, which jaxmoe.load_model reads
+            log(f"exporting {export} in jaxmoe's format: {hf_problems(model.config)}")
+            save_quantized(model, export, overwrite=True)
         save_tokenizer(tokenizer, export)
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     sync_processes("jaxmoe train: finished")  # every process returns once the run's files are written

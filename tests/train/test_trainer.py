@@ -160,6 +160,25 @@ def test_a_run_trains_evaluates_exports_and_plots(corpus, tmp_path):
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == sorted({6, 8, best})  # last 2 + best
 
 
+def test_a_model_transformers_has_no_class_for_is_exported_in_jaxmoe_format(corpus, tmp_path):
+    """A dense model with LayerNorm and biases (the MoQE dense twin) has no Phi3ForCausalLM form."""
+    import jaxmoe
+    from jaxmoe.quant.checkpoint import is_jaxmoe_checkpoint
+    logs = []
+    overrides = {"hidden_size": 32, "intermediate_size": 48, "max_position_embeddings": 80, "moe": None}
+    train(base_config(corpus, tmp_path / "run", model={"overrides": overrides},
+                      optim={"steps": 2, "warmup_steps": 1},
+                      eval={"every": 0, "translate": 0}), log=logs.append)
+    export = tmp_path / "run" / "model"
+    assert is_jaxmoe_checkpoint(export) and (export / "tokenizer.json").exists()
+    assert any("jaxmoe's format: norm='layer'" in line for line in logs)
+    model = jaxmoe.load_model(export)
+    assert model.config.moe is None and model.config.norm == "layer" and model.config.attention_bias
+    assert np.isfinite(np.asarray(model(np.array([[1, 2, 3]], np.int32)).logits)).all()
+    with pytest.raises(ValueError, match=r"norm='layer'.*no counterpart in Phi3ForCausalLM.*save_quantized"):
+        jaxmoe.save_hf(model, tmp_path / "hf")
+
+
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
     run_dir = tmp_path / "run"
     train(base_config(corpus, run_dir, optim={"steps": 6}), log=lambda _: None)

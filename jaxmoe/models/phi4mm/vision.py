@@ -1,0 +1,371 @@
+"""Phi-4-Multimodal's vision path: a SigLIP-shaped encoder, 2x2 token compression, the HD crop assembly and the
+projector into the text model's hidden size (transformers' `Phi4MultimodalImageEmbedding`).
+
+`ImageEmbedding.encode` (pixels -> compressed crop features) and `ImageEmbedding.project` are jittable functions
+of the arrays; only the assembly of each image's tokens (`num_image_tokens`, `ImageEmbedding.__call__`) reads
+`image_sizes` and the patch masks on the host, because they decide how many tokens there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe.io.names import ALL, ParamSpec, Piece
+
+__all__ = ["VISION_IGNORED", "ImageEmbedding", "VisionConfig", "VisionEncoder", "compress_2x2", "num_image_tokens",
+           "patch_position_ids", "vision_param_specs"]
+
+# Hub tensors under the image embedding's prefix that nothing here reads: SigLIP's final LayerNorm and pooling
+# head (the features are taken before them).
+VISION_IGNORED = ("img_processor.post_layernorm.", "img_processor.head.")
+
+_HF_KEYS = {  # our field -> the transformers vision_config key
+    "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "num_channels": "num_channels", "image_size": "image_size",
+    "patch_size": "patch_size", "layer_norm_eps": "layer_norm_eps", "crop_size": "crop_size",
+    "feature_layer": "feature_layer", "image_token_id": "image_token_id",
+}
+_SUB, _GLB = -1, -2  # token sources that are the row separator and the global separator, not crop features
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VisionConfig:
+    """The vision encoder of Phi-4-multimodal-instruct (transformers' `Phi4MultimodalVisionConfig`)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 448
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    crop_size: int = 448
+    feature_layer: int = -2  # index into (embeddings, layer 1 output, ..., layer num_layers output)
+    image_token_id: int = 200010
+
+    def __post_init__(self):
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"invalid VisionConfig: {what}")
+
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_channels", "image_size",
+                     "patch_size", "crop_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name}={value!r}; expected a positive integer")
+        need(self.hidden_size % self.num_heads == 0,
+             f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        need(self.image_size % self.patch_size == 0,
+             f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; crops must tile "
+             "into whole patches")
+        need(self.layer_norm_eps > 0, f"layer_norm_eps={self.layer_norm_eps}; expected a positive number")
+        need(isinstance(self.feature_layer, int) and -(self.num_layers + 1) <= self.feature_layer <= self.num_layers,
+             f"feature_layer={self.feature_layer!r}; expected an index into the {self.num_layers + 1} hidden states "
+             f"(embeddings and {self.num_layers} layer outputs), in [{-(self.num_layers + 1)}, {self.num_layers}]")
+        need(isinstance(self.image_token_id, int) and self.image_token_id >= 0,
+             f"image_token_id={self.image_token_id!r}; expected a non-negative integer")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Side of a crop's token grid after 2x2 compression (an odd patch grid is padded by one first)."""
+        return (self.patches_per_side + 1) // 2
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers the features need: hidden_states[feature_layer] is the output of this many layers."""
+        return self.feature_layer % (self.num_layers + 1)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "VisionConfig":
+        """From a transformers `vision_config` dict (config.json); absent keys take transformers' defaults."""
+        act = d.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"vision_config hidden_act={act!r} is not supported; the Phi-4-multimodal vision "
+                             "encoder uses 'gelu_pytorch_tanh' (GELU, tanh approximation)")
+        kwargs = {ours: d[hf] for ours, hf in _HF_KEYS.items() if hf in d}
+        for name in ("image_size", "patch_size"):
+            value = kwargs.get(name)
+            if isinstance(value, (list, tuple)):
+                if len(value) != 2 or value[0] != value[1]:
+                    raise ValueError(f"vision_config {name}={value!r}; only square sizes are supported")
+                kwargs[name] = value[0]
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """The transformers `vision_config` dict."""
+        d = {hf: getattr(self, ours) for ours, hf in _HF_KEYS.items()}
+        return {**d, "hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0,
+                "model_type": "phi4_multimodal_vision"}
+
+
+def patch_position_ids(valid_nhw: jax.Array, patches_per_side: int) -> jax.Array:
+    """Position-embedding ids int32 [n, h * w] for patch masks bool [n, h, w], as transformers computes them.
+
+    A crop whose valid patches form an a x b block (right and bottom padding) spreads its rows and columns over
+    the whole learned grid (NaViT-style fractional buckets); a full crop gets the identity ids; padded patches
+    get id 0. Counts come from the first column and the first row, like transformers'.
+    """
+    n, h, w = valid_nhw.shape
+    # torch.arange(1/p, 1, 1/p): exact for a power-of-two p (32 in the released model).
+    boundaries = jnp.asarray(np.arange(1 / patches_per_side, 1.0, 1 / patches_per_side).astype(np.float32))
+
+    def buckets(count_n, length):
+        step_n = jnp.float32(1.0) / count_n.astype(jnp.float32)
+        coords = jnp.arange(length, dtype=jnp.float32)[None, :] * step_n[:, None]
+        coords = jnp.minimum(coords, jnp.float32(1.0 - 1e-6))
+        return jnp.sum(boundaries <= coords[..., None], axis=-1, dtype=jnp.int32)  # bucketize(right=True)
+
+    rows = buckets(valid_nhw[:, :, 0].sum(axis=1), h)
+    cols = buckets(valid_nhw[:, 0, :].sum(axis=1), w)
+    ids = rows[:, :, None] * patches_per_side + cols[:, None, :]
+    return jnp.where(valid_nhw, ids, 0).reshape(n, h * w)
+
+
+def compress_2x2(x_npd: jax.Array, side: int) -> jax.Array:
+    """[n, side * side, d] patch features -> [n, m * m, d], m = ceil(side / 2): 2x2 average pooling of the grid,
+    after reflection-padding one row and column at the bottom and right when `side` is odd."""
+    n, _, d = x_npd.shape
+    grid = x_npd.reshape(n, side, side, d)
+    if side % 2:
+        grid = jnp.pad(grid, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")
+    m = grid.shape[1] // 2
+    return grid.reshape(n, m, 2, m, 2, d).mean(axis=(2, 4)).reshape(n, m * m, d)
+
+
+def _layer_norm(config: VisionConfig, param_dtype, rngs) -> nnx.LayerNorm:
+    # fp32 statistics and output (the caller casts back), two-pass variance like torch.
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, use_fast_variance=False,
+                         dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+
+
+class VisionAttention(nnx.Module):
+    """Bidirectional multi-head self-attention; padded patches are masked as keys only (transformers' eager)."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        linear = lambda: nnx.Linear(d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
+
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> jax.Array:
+        b, t, d = x_btd.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
+        q, k, v = split(self.q_proj(x_btd)), split(self.k_proj(x_btd)), split(self.v_proj(x_btd))
+        scores = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
+        # The finite minimum, as transformers adds it: a crop with every patch masked attends uniformly.
+        scores = jnp.where(valid_bt[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return self.out_proj(jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(b, t, d))
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(config.hidden_size, config.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+        self.fc2 = nnx.Linear(config.intermediate_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class VisionEncoderLayer(nnx.Module):
+    """Pre-norm block: h = x + attn(ln1(x)); y = h + mlp(ln2(h))."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.layer_norm1 = _layer_norm(config, param_dtype, rngs)
+        self.self_attn = VisionAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm2 = _layer_norm(config, param_dtype, rngs)
+        self.mlp = VisionMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> jax.Array:
+        h = x_btd + self.self_attn(self.layer_norm1(x_btd).astype(x_btd.dtype), valid_bt)
+        return h + self.mlp(self.layer_norm2(h).astype(h.dtype))
+
+
+class VisionEncoder(nnx.Module):
+    """Crops -> hidden_states[feature_layer] of the SigLIP encoder (only the layers that needs are run).
+
+    Holds all `num_layers` layers so that every Hub tensor except the final LayerNorm and pooling head loads.
+    """
+
+    def __init__(self, config: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype or param_dtype)
+        p, d = config.patch_size, config.hidden_size
+        self.patch_embedding = nnx.Conv(config.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                                        dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.position_embedding = nnx.Embed(config.patches_per_side ** 2, d, dtype=self.dtype,
+                                            param_dtype=param_dtype,
+                                            embedding_init=nnx.initializers.normal(d ** -0.5), rngs=rngs)
+        self.layers = nnx.List([VisionEncoderLayer(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_layers)])
+
+    def __call__(self, pixels_nchw: jax.Array, valid_nhw: jax.Array) -> jax.Array:
+        """pixels float [n, channels, S, S] (S = image_size), patch mask bool [n, S/p, S/p] -> [n, (S/p)^2, d]
+        in the compute dtype."""
+        n = pixels_nchw.shape[0]
+        x = self.patch_embedding(jnp.transpose(pixels_nchw, (0, 2, 3, 1)).astype(self.dtype))
+        x = x.reshape(n, -1, self.config.hidden_size)
+        x = x + self.position_embedding(patch_position_ids(valid_nhw, self.config.patches_per_side))
+        valid_nt = valid_nhw.reshape(n, -1)
+        for i in range(self.config.layers_run):
+            x = self.layers[i](x, valid_nt)
+        return x
+
+
+def _host(value, name: str) -> np.ndarray:
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{name} is a traced value; the number of image tokens depends on it, so it must be a "
+                         "concrete (host) array. Call the image embedding outside jax.jit, or close over "
+                         f"{name} as a NumPy constant and trace only the pixel values")
+    return np.asarray(value)
+
+
+def _token_sources(image_sizes, image_attention_mask, config: VisionConfig) -> list[np.ndarray]:
+    """Per image, int [tokens]: where each of its output tokens comes from, in order. c * m^2 + r * m + k is crop
+    c's compressed token (r, k) (crop 0 the global view, then the HD tiles row-major); _SUB and _GLB the
+    separators. Sub-tiles trimmed to the valid area with a separator per row, _GLB, then the global grid with a
+    separator per row (transformers' `sub_glb` order)."""
+    sizes = _host(image_sizes, "image_sizes")
+    mask = _host(image_attention_mask, "image_attention_mask")
+    p, m = config.patches_per_side, config.tokens_per_side
+    if mask.ndim != 4 or mask.shape[2:] != (p, p) or mask.shape[1] < 2:
+        raise ValueError(f"image_attention_mask has shape {mask.shape}; expected [images, crops >= 2, {p}, {p}] "
+                         "(a global view and at least one tile per image, image_size / patch_size patches a side)")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("image_attention_mask holds values other than 0 and 1; expected a patch mask "
+                         "(1 = real patch, 0 = padding)")
+    if sizes.shape != (mask.shape[0], 2) or not np.issubdtype(sizes.dtype, np.integer):
+        raise ValueError(f"image_sizes is {sizes.dtype} {sizes.shape}; expected integers [{mask.shape[0]}, 2] "
+                         "(height, width of each HD-resized image), one row per image of image_attention_mask")
+    mask = mask.astype(bool)
+    crops, per_crop = mask.shape[1], m * m
+    grid = np.arange(per_crop).reshape(m, m)
+    global_part = np.concatenate([grid, np.full((m, 1), _SUB)], axis=1).reshape(-1)
+    sources = []
+    for i, (height, width) in enumerate(sizes.tolist()):
+        rows, cols = height // config.crop_size, width // config.crop_size
+        if rows < 1 or cols < 1 or 1 + rows * cols > crops:
+            raise ValueError(f"image {i}: image_sizes ({height}, {width}) make a {rows} x {cols} grid of "
+                             f"{config.crop_size}-pixel tiles; expected at least 1 x 1 and at most {crops - 1} "
+                             "tiles (the crops given after the global view)")
+        tiles = mask[i, 1:1 + rows * cols, 0::2, 0::2].reshape(rows, cols, m, m)
+        tiles = tiles.transpose(0, 2, 1, 3).reshape(rows * m, cols * m)
+        useful_h, useful_w = int(tiles[:, 0].sum()), int(tiles[0, :].sum())
+        r, k = np.meshgrid(np.arange(useful_h), np.arange(useful_w), indexing="ij")
+        sub = (1 + (r // m) * cols + k // m) * per_crop + (r % m) * m + k % m
+        sub = np.concatenate([sub, np.full((useful_h, 1), _SUB)], axis=1).reshape(-1)
+        sources.append(np.concatenate([sub, [_GLB], global_part]).astype(np.int64))
+    return sources
+
+
+def num_image_tokens(image_sizes, image_attention_mask, config: VisionConfig) -> list[int]:
+    """Image tokens (id `config.image_token_id` placeholders) each image takes in the text, from host arrays
+    image_sizes int [images, 2] and image_attention_mask [images, crops, S/p, S/p]: valid sub-tile tokens plus
+    one separator per sub row, one global separator, m * (m + 1) global tokens (545 for one 448 x 448 image)."""
+    return [len(s) for s in _token_sources(image_sizes, image_attention_mask, config)]
+
+
+class ImageEmbedding(nnx.Module):
+    """Processor outputs -> the image token embeddings [tokens, text_hidden_size] (transformers'
+    `Phi4MultimodalImageEmbedding`, the rows it writes into the image placeholder positions)."""
+
+    def __init__(self, config: VisionConfig, text_hidden_size: int, *, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if not isinstance(text_hidden_size, int) or text_hidden_size < 1:
+            raise ValueError(f"text_hidden_size={text_hidden_size!r}; expected the text model's hidden size, a "
+                             "positive integer")
+        self.config = config
+        self.dtype = jnp.dtype(dtype or param_dtype)
+        d = config.hidden_size
+        self.img_processor = VisionEncoder(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.img_projection_up = nnx.Linear(d, text_hidden_size, dtype=self.dtype, param_dtype=param_dtype,
+                                            rngs=rngs)
+        self.img_projection_down = nnx.Linear(text_hidden_size, text_hidden_size, dtype=self.dtype,
+                                              param_dtype=param_dtype, rngs=rngs)
+        # Learned separators, zero-initialised (as transformers); shapes as on the Hub.
+        self.global_img_feature_extensor = nnx.Param(jnp.zeros((1, 1, d), param_dtype))
+        self.sub_img_feature_extensor = nnx.Param(jnp.zeros((1, 1, 1, d), param_dtype))
+
+    def encode(self, pixels_nchw: jax.Array, valid_nhw: jax.Array) -> jax.Array:
+        """Crops float [n, channels, S, S], patch mask bool [n, S/p, S/p] -> compressed features [n, m * m, d]."""
+        features = self.img_processor(pixels_nchw, valid_nhw)
+        return compress_2x2(features, self.config.patches_per_side)
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """[..., d] -> [..., text_hidden_size]: Linear, exact (erf) GELU, Linear."""
+        return self.img_projection_down(jax.nn.gelu(self.img_projection_up(x.astype(self.dtype)),
+                                                    approximate=False))
+
+    def __call__(self, image_pixel_values, image_sizes, image_attention_mask) -> jax.Array:
+        """image_pixel_values float [images, crops, channels, S, S]; image_sizes int [images, 2] (h, w of each
+        HD image); image_attention_mask [images, crops, S/p, S/p] (padded crops: zero pixels, all-ones mask) ->
+        [sum(num_image_tokens), text_hidden_size] in the compute dtype, every image's tokens in batch order.
+        image_sizes and the mask must be concrete; the pixels may be traced."""
+        c = self.config
+        sources = _token_sources(image_sizes, image_attention_mask, c)
+        mask = np.asarray(image_attention_mask).astype(bool)
+        images, crops = mask.shape[:2]
+        expected = (images, crops, c.num_channels, c.image_size, c.image_size)
+        if tuple(image_pixel_values.shape) != expected:
+            raise ValueError(f"image_pixel_values has shape {tuple(image_pixel_values.shape)}; expected {expected} "
+                             "([images, crops, channels, image_size, image_size], matching image_attention_mask)")
+        pixels = jnp.asarray(image_pixel_values).reshape(images * crops, *expected[2:])
+        features = self.encode(pixels, jnp.asarray(mask.reshape(images * crops, *mask.shape[2:])))
+        d, per_image = c.hidden_size, crops * c.tokens_per_side ** 2
+        rows = images * per_image
+        table = jnp.concatenate([features.reshape(rows, d),
+                                 self.sub_img_feature_extensor[...].reshape(1, d).astype(features.dtype),
+                                 self.global_img_feature_extensor[...].reshape(1, d).astype(features.dtype)])
+        # Separators index the two rows after the features: _SUB -> rows, _GLB -> rows + 1.
+        index = np.concatenate([np.where(s >= 0, i * per_image + s, rows - 1 - s) for i, s in enumerate(sources)])
+        return self.project(jnp.take(table, jnp.asarray(index, jnp.int32), axis=0))
+
+
+def _linear(path: tuple, hf: str) -> Iterator[ParamSpec]:
+    yield ParamSpec((*path, "kernel"), (Piece(hf + ".weight", ALL, True),))
+    yield ParamSpec((*path, "bias"), (Piece(hf + ".bias", ALL, False),))
+
+
+def _layer_norm_specs(path: tuple, hf: str) -> Iterator[ParamSpec]:
+    yield ParamSpec((*path, "scale"), (Piece(hf + ".weight", ALL, False),))
+    yield ParamSpec((*path, "bias"), (Piece(hf + ".bias", ALL, False),))
+
+
+def vision_param_specs(config: VisionConfig, ours: tuple, hf: str) -> Iterator[ParamSpec]:
+    """Every parameter of an `ImageEmbedding` at path `ours` in the parent's pure state dict, with its Hub tensor
+    under the key prefix `hf` (e.g. "model.embed_tokens_extend.image_embed."). Hub tensors under
+    `hf + VISION_IGNORED[i]` are not read."""
+    enc, hf_enc = (*ours, "img_processor"), hf + "img_processor."
+    yield ParamSpec((*enc, "patch_embedding", "kernel"),
+                    (Piece(hf_enc + "embeddings.patch_embedding.weight", ALL, (2, 3, 1, 0)),))
+    yield ParamSpec((*enc, "patch_embedding", "bias"), (Piece(hf_enc + "embeddings.patch_embedding.bias", ALL, False),))
+    yield ParamSpec((*enc, "position_embedding", "embedding"),
+                    (Piece(hf_enc + "embeddings.position_embedding.weight", ALL, False),))
+    for i in range(config.num_layers):
+        path, name = (*enc, "layers", i), f"{hf_enc}encoder.layers.{i}."
+        yield from _layer_norm_specs((*path, "layer_norm1"), name + "layer_norm1")
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            yield from _linear((*path, "self_attn", proj), f"{name}self_attn.{proj}")
+        yield from _layer_norm_specs((*path, "layer_norm2"), name + "layer_norm2")
+        for fc in ("fc1", "fc2"):
+            yield from _linear((*path, "mlp", fc), f"{name}mlp.{fc}")
+    yield from _linear((*ours, "img_projection_up"), hf + "img_projection_up")
+    yield from _linear((*ours, "img_projection_down"), hf + "img_projection_down")
+    for name in ("global_img_feature_extensor", "sub_img_feature_extensor"):
+        yield ParamSpec((*ours, name), (Piece(hf + name, ALL, False),))
