@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.flax import save_file
 
 from jaxmoe import sharding
@@ -303,26 +303,35 @@ def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3Fo
         return load_phi4mm(folder, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
     config = config_from_hf(hf)
     model_class = Phi3ForCausalLM if config.moe is None else PhimoeForCausalLM
-    abstract_model = nnx.eval_shape(lambda: model_class(config, dtype=compute_dtype, param_dtype=dtype,
-                                                        rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract_model)
-    abstract = nnx.to_pure_dict(state)
-    if mesh is None:
-        def place(path, host):
-            return jnp.asarray(host)
-    else:
-        sharding.check_mesh(mesh)
-
-        def place(path, host):
-            spec = sharding.partition_spec(sharding.logical_axes(path, host.shape), host.shape, mesh)
-            return jax.device_put(host, NamedSharding(mesh, spec))
-    params = _load_params(folder, list(param_specs(config)), abstract, dtype, place=place)
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
+    model = load_into(lambda: model_class(config, dtype=compute_dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
+                      folder, list(param_specs(config)), dtype, place=placer(mesh))
     if mesh is not None:
         sharding.use_mesh_for_experts(model, mesh)
     model.eval()
     return model
+
+
+def placer(mesh, sharded=lambda path: path):
+    """`place(path, host)` for `_load_params`: onto the default device, or with `mesh` by `jaxmoe.sharding`'s
+    rules for the parameter path `sharded(path)` (None: replicated)."""
+    if mesh is None:
+        return lambda path, host: jnp.asarray(host)
+    sharding.check_mesh(mesh)
+
+    def place(path, host):
+        logical = sharded(path)
+        spec = (PartitionSpec() if logical is None else
+                sharding.partition_spec(sharding.logical_axes(logical, host.shape), host.shape, mesh))
+        return jax.device_put(host, NamedSharding(mesh, spec))
+    return place
+
+
+def load_into(make, folder: Path, specs: list[ParamSpec], dtype, *, place, ignore=_tied_head) -> nnx.Module:
+    """The model `make()` builds (abstractly: no weights materialised) with every parameter read from `folder`."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    params = _load_params(folder, specs, nnx.to_pure_dict(state), dtype, place=place, ignore=ignore)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 # ------------------------------------------------------------------------------------------------- save

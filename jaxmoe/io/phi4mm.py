@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmoe import sharding
 from jaxmoe.io import hf as hf_io
 from jaxmoe.io.names import ParamSpec, param_specs as text_param_specs
 from jaxmoe.models.phi4mm.audio import AudioConfig, Buffer, audio_param_specs
@@ -99,25 +96,10 @@ def load_phi4mm(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Ph
     parameters are sharded by `jaxmoe.sharding`'s rules and the encoders' replicated."""
     folder = Path(path)
     config = config_from_hf(hf_io._read_config(folder))
-    abstract_model = nnx.eval_shape(lambda: Phi4MultimodalForCausalLM(config, dtype=compute_dtype,
-                                                                      param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract_model)
-    abstract = nnx.to_pure_dict(state)
-    if mesh is None:
-        def place(path, host):
-            return jnp.asarray(host)
-    else:
-        sharding.check_mesh(mesh)
-
-        def place(path, host):
-            if path[0] == "language_model":
-                spec = sharding.partition_spec(sharding.logical_axes(path[1:], host.shape), host.shape, mesh)
-            else:
-                spec = PartitionSpec()
-            return jax.device_put(host, NamedSharding(mesh, spec))
-    params = hf_io._load_params(folder, list(param_specs(config)), abstract, dtype, place=place, ignore=_ignored)
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
+    place = hf_io.placer(mesh, lambda path: path[1:] if path[0] == "language_model" else None)
+    model = hf_io.load_into(lambda: Phi4MultimodalForCausalLM(config, dtype=compute_dtype, param_dtype=dtype,
+                                                              rngs=nnx.Rngs(0)),
+                            folder, list(param_specs(config)), dtype, place=place, ignore=_ignored)
     model.eval()
     return model
 

@@ -206,3 +206,16 @@ def test_each_rows_input_mode_selects_its_adapter_as_peft_applies_it(reference, 
     config_file.write_text(json.dumps(listed))  # "o_proj" etc. also name the audio encoder's layers
     with pytest.raises(ValueError, match="audio_embed.encoder.*outside the language model's decoder layers"):
         load_peft_adapter(jaxmoe.load_hf(reference[1]), tmp_path / "vision", "vision")
+
+
+def test_loading_onto_a_mesh_shards_the_language_model_and_keeps_the_logits(model, reference):
+    from jaxmoe import sharding
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = jaxmoe.load_hf(reference[1], mesh=mesh)
+    qkv = sharded.language_model.layers[0].self_attn.qkv_proj.kernel[...]
+    assert not qkv.sharding.is_fully_replicated
+    assert sharded.image_embed.img_projection_up.kernel[...].sharding.is_fully_replicated
+    ids = _with_placeholders(AUDIO, int(AUDIO_SIZES[0]))
+    inputs = dict(audio_input_features=FEATURES, audio_embed_sizes=AUDIO_SIZES, audio_attention_mask=AUDIO_MASK)
+    np.testing.assert_allclose(np.asarray(sharded(ids, **inputs).logits), np.asarray(model(ids, **inputs).logits),
+                               rtol=0, atol=1e-5)
