@@ -149,11 +149,23 @@ class ConvSubsampling(nnx.Module):
         self.out = nnx.Linear(c * config.nemo_final_size, config.hidden_size, **conv)
 
     def __call__(self, x_btf: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.conv_in(x_btf[..., None]))  # [b, t, f, c]: time and frequency are the conv's H, W
+        x = jax.nn.relu(_conv3x3_stride2(self.conv_in, x_btf[..., None]))  # [b, t, f, c]: time, frequency = H, W
         for depthwise, pointwise in zip(self.depthwise, self.pointwise):
-            x = jax.nn.relu(pointwise(depthwise(x)))
+            x = _conv3x3_stride2(depthwise, x)
+            x = jax.nn.relu(x @ pointwise.kernel[0, 0].astype(x.dtype) + pointwise.bias[...].astype(x.dtype))
         b, t, f, c = x.shape
         return self.out(x.transpose(0, 1, 3, 2).reshape(b, t, c * f))
+
+
+def _conv3x3_stride2(conv: nnx.Conv, x_bhwc: jax.Array) -> jax.Array:
+    """`conv(x_bhwc)` for a 3x3, stride-2, padding-1 conv with one input channel per group (the first conv's single
+    channel broadcast to all outputs, or a depthwise conv) as nine shifted multiply-adds: on XLA:CPU the
+    subsampling of 5 s of audio at width 256 took 27 ms with lax convolutions and takes ~10 ms so."""
+    kernel = conv.kernel[...].astype(conv.dtype or x_bhwc.dtype)  # [3, 3, 1, c]
+    x = jnp.pad(x_bhwc.astype(kernel.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = (x_bhwc.shape[1] - 1) // 2 + 1, (x_bhwc.shape[2] - 1) // 2 + 1
+    out = sum(x[:, i:i + 2 * h - 1:2, j:j + 2 * w - 1:2, :] * kernel[i, j, 0] for i in range(3) for j in range(3))
+    return out + conv.bias[...].astype(kernel.dtype)
 
 
 def relative_position_bias(table_kh: jax.Array, length: int, max_distance: int) -> jax.Array:
