@@ -7,9 +7,23 @@ A config is data: the model is built from it, checkpoints carry it (as Hugging F
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 __all__ = ["LongRoPE", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
+
+
+def require(config, ok: bool, what: str) -> None:
+    """A config's `__post_init__` check: ValueError "invalid <ConfigClass>: <what>" unless `ok`."""
+    if not ok:
+        raise ValueError(f"invalid {type(config).__name__}: {what}")
+
+
+def require_positive_ints(config, names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        require(config, isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name}={value!r}; expected a positive integer")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,14 +143,9 @@ class ModelConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        def need(ok, what):
-            if not ok:
-                raise ValueError(f"invalid ModelConfig: {what}")
-
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name}={value!r}; expected a positive integer")
+        need = functools.partial(require, self)
+        require_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                     "num_kv_heads", "head_dim", "max_position_embeddings"))
         need(self.num_heads % self.num_kv_heads == 0,
              f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
              "grouped-query attention needs whole groups")

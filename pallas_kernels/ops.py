@@ -89,7 +89,7 @@ def _gmm_bwd(dispatch, residuals, dout):
     dlhs = dispatch.call("gmm", dout, rhs, group_sizes, group_offset=group_offset, transpose_rhs=True,
                          out_dtype=lhs.dtype)
     if isinstance(rhs, QuantizedWeight):
-        drhs = _zero_cotangent(rhs)
+        drhs = rhs.zero_cotangent()
     else:
         drhs = dispatch.call("tgmm", lhs, dout, group_sizes, group_offset=group_offset,
                              num_groups=rhs.shape[0]).astype(rhs.dtype)
@@ -103,13 +103,6 @@ _gmm_jit = jax.jit(_gmm, static_argnums=(4,))
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _tgmm_jit(lhs, dout, group_sizes, group_offset, num_groups: int, dispatch: _Dispatch) -> jax.Array:
     return dispatch.call("tgmm", lhs, dout, group_sizes, group_offset=group_offset, num_groups=num_groups)
-
-
-def _zero_cotangent(w: QuantizedWeight) -> QuantizedWeight:
-    """The cotangent of a quantized weight: float0 for the integer codes, zeros for scale and zero."""
-    return QuantizedWeight(codes=np.zeros(w.codes.shape, jax.dtypes.float0), scale=jnp.zeros_like(w.scale),
-                           zero=None if w.zero is None else jnp.zeros_like(w.zero), bits=w.bits,
-                           group_size=w.group_size, block_k=w.block_k, shape=w.shape, dtype=w.dtype)
 
 
 def _offset_array(group_offset) -> jax.Array:

@@ -59,6 +59,13 @@ class QuantizedWeight:
         w = self.scale.astype(jnp.float32)[:, :, None, :] * (codes - zero)
         return w.reshape(g, k, n).astype(self.dtype if dtype is None else dtype)
 
+    def zero_cotangent(self) -> "QuantizedWeight":
+        """The cotangent of a quantized weight (nothing flows into it): float0 for the integer codes, zeros for
+        scale and zero."""
+        return dataclasses.replace(self, codes=np.zeros(self.codes.shape, jax.dtypes.float0),
+                                   scale=jnp.zeros_like(self.scale),
+                                   zero=None if self.zero is None else jnp.zeros_like(self.zero))
+
 
 def block_k_for(k: int, bits: int) -> int:
     """The packing block along k: the largest of BLOCK_K_CANDIDATES dividing k. bits 8 is unpacked, so a k with

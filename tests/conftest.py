@@ -10,18 +10,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools  # noqa: E402
+import gc  # noqa: E402
 
+import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxmoe  # noqa: E402
-
-import gc  # noqa: E402
-
-import jax  # noqa: E402
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():

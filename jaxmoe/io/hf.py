@@ -24,6 +24,7 @@ from jaxmoe.io.names import ParamSpec, param_specs
 from jaxmoe.io.atomic import atomic_folder
 from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
+from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
 from jaxmoe.nn.multi_lora import base_param_dict
 
@@ -355,31 +356,30 @@ def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_
 
     Refuses to replace an existing non-empty folder unless `overwrite=True`; the write is atomic either way.
     """
-    from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
-
     if isinstance(model, Phi4MultimodalForCausalLM):
-        from jaxmoe.io.phi4mm import save_phi4mm
+        from jaxmoe.io.phi4mm import save_phi4mm  # jaxmoe.io.phi4mm imports this module
 
         return save_phi4mm(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    config = model.config
+    return write_checkpoint(path, param_specs(config), base_param_dict(model),
+                            lambda dtype: config_to_hf(config, dtype=dtype), overwrite=overwrite,
+                            max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path, specs, pure: dict, hf_config, *, overwrite: bool, max_shard_bytes: int) -> Path:
+    """A Hugging Face folder from `pure` (nnx.to_pure_dict of the parameters) cut into Hub tensors by `specs`:
+    config.json (`hf_config(dtype)`, dtype the embedding's) plus one or more safetensors shards (with an index),
+    written atomically. Refuses a non-empty folder unless `overwrite`."""
     target = Path(path)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
                               "or choose another path")
-    config = model.config
-    pure = base_param_dict(model)
     tensors = {}
-    for spec in param_specs(config):
+    for spec in specs:
         value = jnp.asarray(_get(pure, spec.path))
         for piece in spec.pieces:
-            part = value[piece.region]
-            tensors[piece.name] = piece.to_hub(part)
-    dtype = tensors["model.embed_tokens.weight"].dtype
-    _write_folder(target, config_to_hf(config, dtype=dtype), tensors, max_shard_bytes)
-    return target
-
-
-def _write_folder(target: Path, hf_config: dict, tensors: dict, max_shard_bytes: int) -> None:
-    """config.json plus the tensors in one or more safetensors shards (with an index), written atomically."""
+            tensors[piece.name] = piece.to_hub(value[piece.region])
+    hf_config = hf_config(tensors["model.embed_tokens.weight"].dtype)
     with atomic_folder(target) as tmp:
         with open(tmp / "config.json", "w") as f:
             json.dump(hf_config, f, indent=2)
@@ -395,3 +395,4 @@ def _write_folder(target: Path, hf_config: dict, tensors: dict, max_shard_bytes:
             total = sum(t.nbytes for t in tensors.values())
             with open(tmp / "model.safetensors.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return target

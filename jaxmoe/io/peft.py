@@ -32,7 +32,11 @@ from flax import nnx
 from safetensors.flax import save_file
 
 from jaxmoe.io.atomic import atomic_folder
+from jaxmoe.io.names import param_specs as text_param_specs
+from jaxmoe.io.phi4mm import param_specs as mm_param_specs
 from jaxmoe.io.safetensors_file import SafetensorsFile
+from jaxmoe.models.phi3 import Phi3ForCausalLM
+from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
 from jaxmoe.nn.lora import _UNSUPPORTED_TARGETS, _replace
 from jaxmoe.nn.multi_lora import (MultiLoRALinear, _check_name, _refuse_single_lora, _scope, adapter_names)
 
@@ -46,13 +50,10 @@ _PEFT_PREFIX = "base_model.model."
 def _hf_linears(model: nnx.Module) -> dict[str, tuple]:
     """Hugging Face module name (e.g. 'model.layers.0.self_attn.qkv_proj') -> our module path, for every linear
     layer stored as one Hub tensor."""
-    from jaxmoe.models.phi3 import Phi3ForCausalLM
-    from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
-
     if isinstance(model, Phi4MultimodalForCausalLM):
-        from jaxmoe.io.phi4mm import param_specs
+        param_specs = mm_param_specs
     elif isinstance(model, Phi3ForCausalLM):
-        from jaxmoe.io.names import param_specs
+        param_specs = text_param_specs
     else:
         raise TypeError(f"PEFT adapters: jaxmoe knows the Hugging Face layer names of Phi3ForCausalLM, "
                         f"PhimoeForCausalLM and Phi4MultimodalForCausalLM, not of {type(model).__name__}")

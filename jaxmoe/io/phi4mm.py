@@ -32,7 +32,7 @@ _TEXT_DEFAULTS = {
     "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
     "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    "bos_token_id": 199999, "pad_token_id": 199999, "eos_token_id": [199999, 200020], "sliding_window": None,
+    "bos_token_id": 199999, "pad_token_id": 199999, "eos_token_id": [199999, 200020],
     "rope_theta": 10000.0,
 }
 
@@ -43,7 +43,7 @@ def config_from_hf(hf: dict) -> Phi4MMConfig:
         raise hf_io.CheckpointError(f"model_type is {hf.get('model_type')!r}; expected {MODEL_TYPE!r}")
     text = {key: value for key, value in hf.items() if key not in ("vision_config", "audio_config")}
     for key, value in _TEXT_DEFAULTS.items():
-        if text.get(key) is None and value is not None:
+        if text.get(key) is None:
             text[key] = value
     if text.get("head_dim") not in (None, text["hidden_size"] // text["num_attention_heads"]):
         raise hf_io.CheckpointError(
@@ -87,7 +87,7 @@ def param_specs(config: Phi4MMConfig) -> Iterator[ParamSpec]:
 
 def _ignored(name: str) -> bool:
     """Hub tensors nothing reads: the vision tower's final LayerNorm and pooling head, and a tied lm_head."""
-    return name == "lm_head.weight" or any(name.startswith(IMAGE_PREFIX + p) for p in VISION_IGNORED)
+    return hf_io._tied_head(name) or any(name.startswith(IMAGE_PREFIX + p) for p in VISION_IGNORED)
 
 
 def load_phi4mm(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi4MultimodalForCausalLM:
@@ -109,17 +109,7 @@ def save_phi4mm(model: Phi4MultimodalForCausalLM, path, *, overwrite: bool = Fal
     """Writes config.json and safetensors weights that transformers' Phi4MultimodalForCausalLM `from_pretrained`
     loads (atomically; refuses a non-empty folder unless overwrite=True). LoRA adapters are left out: save them
     with `jaxmoe.io.peft.save_peft_adapter`."""
-    target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
-                              "or choose another path")
     config = model.config
-    pure = base_param_dict(model, nnx.Any(nnx.Param, Buffer))
-    tensors = {}
-    for spec in param_specs(config):
-        value = jnp.asarray(hf_io._get(pure, spec.path))
-        for piece in spec.pieces:
-            tensors[piece.name] = piece.to_hub(value[piece.region])
-    dtype = tensors["model.embed_tokens.weight"].dtype
-    hf_io._write_folder(target, config_to_hf(config, dtype=dtype), tensors, max_shard_bytes)
-    return target
+    return hf_io.write_checkpoint(path, param_specs(config), base_param_dict(model, nnx.Any(nnx.Param, Buffer)),
+                                  lambda dtype: config_to_hf(config, dtype=dtype), overwrite=overwrite,
+                                  max_shard_bytes=max_shard_bytes)

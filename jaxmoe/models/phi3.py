@@ -145,12 +145,14 @@ class Phi3ForCausalLM(nnx.Module):
             check_token_ids(input_ids, self.config.vocab_size)
         if inputs_embeds is not None:
             inputs_embeds = jnp.asarray(inputs_embeds)
-            want = (*(input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]), self.config.hidden_size)
+        bt = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if inputs_embeds is not None:
+            want = (*bt, self.config.hidden_size)
             if inputs_embeds.shape != want or not jnp.issubdtype(inputs_embeds.dtype, jnp.floating):
                 raise ValueError(f"inputs_embeds must be a float array [batch, time, hidden] = {list(want)}"
                                  f"{' (input_ids shape plus hidden)' if input_ids is not None else ''}; got "
                                  f"{inputs_embeds.dtype} {list(inputs_embeds.shape)}")
-        b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        b, t = bt
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if segment_ids is not None:
             if cache is not None:

@@ -251,9 +251,7 @@ def _weight_cotangent(w, dw):
     """dw in w's dtype; for a QuantizedWeight, zeros (float0 for the integer codes)."""
     if not isinstance(w, QuantizedWeight):
         return dw.astype(w.dtype)
-    zeros = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
-    return dataclasses.replace(w, codes=np.zeros(w.codes.shape, jax.dtypes.float0), scale=zeros(w.scale),
-                               zero=zeros(w.zero))
+    return w.zero_cotangent()
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -73,7 +73,7 @@ def select_adapters(names: Sequence[str], sel_b) -> Iterator[None]:
         raise ValueError(f"select_adapters: sel_b must be an integer array [batch]; got {sel_b.dtype} "
                          f"{list(sel_b.shape)}")
     if not isinstance(sel_b, jax.core.Tracer) and sel_b.size:
-        lo, hi = int(sel_b.min()), int(sel_b.max())
+        lo, hi = (int(v) for v in jax.device_get((sel_b.min(), sel_b.max())))  # one wait on the device
         if lo < -1 or hi >= len(names):
             raise ValueError(f"select_adapters: sel_b holds {lo if lo < -1 else hi}; expected -1 (no adapter) or "
                              f"an index into names {names} (0 to {len(names) - 1})")

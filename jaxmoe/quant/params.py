@@ -18,9 +18,7 @@ from pallas_kernels import QuantizedWeight
 __all__ = ["QuantizedLinear", "QuantizedParam", "matrix_path", "pack", "quantized_matmul", "quantized_variables",
            "refuse_quantized", "unpack"]
 
-# pallas_kernels.quantize_weight compiled as one program per (shape, settings): eagerly, its dozen small ops
-# would each dispatch (and compile) on their own. Under a trace (jit, eval_shape) it inlines as usual.
-pack = jax.jit(pallas_kernels.quantize_weight, static_argnames=("bits", "group_size", "symmetric", "scale_dtype"))
+pack = pallas_kernels.quantize_weight  # already one compiled program per (shape, settings)
 # QuantizedWeight.dequantize likewise: w -> float [g, k, n] in `dtype` (default: the weight's float dtype).
 unpack = jax.jit(lambda w, dtype=None: w.dequantize(dtype), static_argnames="dtype")
 

@@ -516,10 +516,11 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
     if jax.process_count() > 1:  # save_hf reads whole arrays: gather each parameter from the processes
         nnx.update(model, jax.tree.map(_to_host, nnx.state(model, nnx.Param)))
     if primary:
-        if hf_problems(model.config) is None:
+        problem = hf_problems(model.config)
+        if problem is None:
             save_hf(model, export, overwrite=True)
         else:  # no transformers class for it: jaxmoe's own format, which jaxmoe.load_model reads
-            log(f"exporting {export} in jaxmoe's format: {hf_problems(model.config)}")
+            log(f"exporting {export} in jaxmoe's format: {problem}")
             save_quantized(model, export, overwrite=True)
         save_tokenizer(tokenizer, export)
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -10,6 +10,7 @@ the last chunk are attended to like real ones).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmoe.config import require, require_positive_ints
 from jaxmoe.io.names import ALL, ParamSpec, Piece
 
 __all__ = ["CHUNK_FRAMES", "AudioConfig", "AudioEmbedding", "AudioEncoder", "Buffer", "audio_param_specs"]
@@ -55,16 +57,11 @@ class AudioConfig:
     downsample_rate: int = 1
 
     def __post_init__(self):
-        def need(ok, what):
-            if not ok:
-                raise ValueError(f"invalid AudioConfig: {what}")
-
-        for name in ("hidden_size", "intermediate_size", "num_blocks", "num_heads", "input_size", "time_reduction",
-                     "nemo_conv_channels", "kernel_size", "ext_pw_out_channel", "depthwise_separable_out_channel",
-                     "depthwise_multiplier", "bias_max_distance", "downsample_rate"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name}={value!r}; expected a positive integer")
+        need = functools.partial(require, self)
+        require_positive_ints(self, ("hidden_size", "intermediate_size", "num_blocks", "num_heads", "input_size",
+                                     "time_reduction", "nemo_conv_channels", "kernel_size", "ext_pw_out_channel",
+                                     "depthwise_separable_out_channel", "depthwise_multiplier", "bias_max_distance",
+                                     "downsample_rate"))
         need(self.hidden_size % self.num_heads == 0,
              f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         need(self.time_reduction >= 2 and self.time_reduction & (self.time_reduction - 1) == 0,
@@ -85,10 +82,15 @@ class AudioConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def stride2_convs(self) -> int:
+        """The subsampling's stride-2 convs: the first conv, then a depthwise one per further factor 2."""
+        return int(math.log2(self.time_reduction))
+
+    @property
     def nemo_final_size(self) -> int:
         """Feature bins left after the stride-2 convs (80 -> 10), as transformers derives it."""
         size = self.input_size
-        for _ in range(int(math.log2(self.time_reduction))):
+        for _ in range(self.stride2_convs):
             size = (size - 1) // 2 + 1
         return size
 
@@ -142,7 +144,7 @@ class ConvSubsampling(nnx.Module):
         c = config.nemo_conv_channels
         conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv_in = nnx.Conv(1, c, (3, 3), (2, 2), padding=((1, 1), (1, 1)), **conv)
-        steps = int(math.log2(config.time_reduction)) - 1
+        steps = config.stride2_convs - 1
         self.depthwise = nnx.List([nnx.Conv(c, c, (3, 3), (2, 2), padding=((1, 1), (1, 1)), feature_group_count=c,
                                             **conv) for _ in range(steps)])
         self.pointwise = nnx.List([nnx.Conv(c, c, (1, 1), padding="VALID", **conv) for _ in range(steps)])
@@ -380,7 +382,7 @@ def audio_param_specs(config: AudioConfig, ours: tuple, hf: str) -> Iterator[Par
     yield whole(("encoder", "global_mean"), "encoder.encoder_embedding.global_mean")
     yield whole(("encoder", "global_invstd"), "encoder.encoder_embedding.global_invstd")
     yield from conv(("encoder", "embed", "conv_in"), "encoder.embed.conv.0", conv2d)
-    for i in range(int(math.log2(config.time_reduction)) - 1):  # torch Sequential: conv, relu, (dw, pw, relu)...
+    for i in range(config.stride2_convs - 1):  # torch Sequential: conv, relu, (dw, pw, relu)...
         yield from conv(("encoder", "embed", "depthwise", i), f"encoder.embed.conv.{3 * i + 2}", conv2d)
         yield from conv(("encoder", "embed", "pointwise", i), f"encoder.embed.conv.{3 * i + 3}", conv2d)
     yield from linear(("encoder", "embed", "out"), "encoder.embed.out")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.config import ModelConfig, get_preset
+from jaxmoe.config import ModelConfig, get_preset, require
 from jaxmoe.models.outputs import CausalLMOutput
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phi4mm.audio import AudioConfig, AudioEmbedding
@@ -61,21 +62,19 @@ class Phi4MMConfig:
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"invalid Phi4MMConfig: {name} is a {type(getattr(self, name)).__name__}; expected "
                                 f"a {kind.__name__}")
-        if self.text.moe is not None:
-            raise ValueError("invalid Phi4MMConfig: text.moe is set; the Phi-4-multimodal language model is dense")
+        need = functools.partial(require, self)
+        need(self.text.moe is None, "text.moe is set; the Phi-4-multimodal language model is dense")
         vocab = self.text.vocab_size
         for name in ("image_token_id", "audio_token_id"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and 0 <= value < vocab):
-                raise ValueError(f"invalid Phi4MMConfig: {name}={value!r}; expected a token id in [0, {vocab})")
-        if self.image_token_id == self.audio_token_id:
-            raise ValueError(f"invalid Phi4MMConfig: image_token_id and audio_token_id are both "
-                             f"{self.image_token_id}; the placeholders must differ")
-        if self.vision.image_token_id != self.image_token_id or self.audio.audio_token_id != self.audio_token_id:
-            raise ValueError(
-                f"invalid Phi4MMConfig: image_token_id={self.image_token_id}, audio_token_id={self.audio_token_id} "
-                f"but vision.image_token_id={self.vision.image_token_id}, audio.audio_token_id="
-                f"{self.audio.audio_token_id}; set the same ids in both places")
+            need(isinstance(value, int) and 0 <= value < vocab,
+                 f"{name}={value!r}; expected a token id in [0, {vocab})")
+        need(self.image_token_id != self.audio_token_id, f"image_token_id and audio_token_id are both "
+             f"{self.image_token_id}; the placeholders must differ")
+        need(self.vision.image_token_id == self.image_token_id and self.audio.audio_token_id == self.audio_token_id,
+             f"image_token_id={self.image_token_id}, audio_token_id={self.audio_token_id} but vision.image_token_id="
+             f"{self.vision.image_token_id}, audio.audio_token_id={self.audio.audio_token_id}; set the same ids in "
+             "both places")
 
     @property
     def model_type(self) -> str:

@@ -21,8 +21,6 @@ from jaxmoe.models.phi4mm.audio_features import audio_embed_sizes as _audio_embe
 from jaxmoe.models.phi4mm.audio_features import fbank_features, kaldi_mel_filters
 from jaxmoe.models.phi4mm.image_processing import hd_transform
 
-IMAGE_TOKEN_ID = 200010  # '<|endoftext10|>' in the Phi-4 vocabulary
-AUDIO_TOKEN_ID = 200011  # '<|endoftext11|>'
 
 
 class Phi4MMProcessor:

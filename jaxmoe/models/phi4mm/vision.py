@@ -9,6 +9,7 @@ of the arrays; only the assembly of each image's tokens (`num_image_tokens`, `Im
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmoe.config import require, require_positive_ints
 from jaxmoe.io.names import ALL, ParamSpec, Piece
 
 __all__ = ["VISION_IGNORED", "ImageEmbedding", "VisionConfig", "VisionEncoder", "compress_2x2", "num_image_tokens",
@@ -51,14 +53,9 @@ class VisionConfig:
     image_token_id: int = 200010
 
     def __post_init__(self):
-        def need(ok, what):
-            if not ok:
-                raise ValueError(f"invalid VisionConfig: {what}")
-
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_channels", "image_size",
-                     "patch_size", "crop_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name}={value!r}; expected a positive integer")
+        need = functools.partial(require, self)
+        require_positive_ints(self, ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_channels",
+                                     "image_size", "patch_size", "crop_size"))
         need(self.hidden_size % self.num_heads == 0,
              f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         need(self.image_size % self.patch_size == 0,
