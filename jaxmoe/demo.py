@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmoe.io.atomic import refuse_nonempty
 from jaxmoe.mt import synthetic
 
 __all__ = ["DEFAULT_STEPS", "demo_config", "run_demo", "write_corpus"]
@@ -93,8 +94,7 @@ def run_demo(out: Path | str | None = None, *, steps: int = DEFAULT_STEPS, seed:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}; expected an integer >= 1")
     out = Path(out) if out is not None else default_out()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output folder {str(out)!r} already exists and is not empty; choose another --out")
+    refuse_nonempty(out, "choose another --out", label="output folder")
     started = time.perf_counter()
     splits = write_corpus(out / "data", seed=seed)
     config = run_config_from_dict(demo_config(out, steps=steps, seed=seed, splits=splits))

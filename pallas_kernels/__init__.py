@@ -5,8 +5,9 @@ format: README.md beside this file. Backends live in `grouped/` (gmm, tgmm) and 
 """
 
 from pallas_kernels.ops import gmm, tgmm
-from pallas_kernels.quant import QuantizedWeight, quantize_weight
+from pallas_kernels.quant import MixedQuantizedWeight, QuantizedWeight, quantize_weight
 from pallas_kernels.registry import backends
 from pallas_kernels.router import sparsemixer_top2
 
-__all__ = ["QuantizedWeight", "backends", "gmm", "quantize_weight", "sparsemixer_top2", "tgmm"]
+__all__ = ["MixedQuantizedWeight", "QuantizedWeight", "backends", "gmm", "quantize_weight", "sparsemixer_top2",
+           "tgmm"]

@@ -64,6 +64,7 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert message in err
 
 
+@pytest.mark.slow  # the real demo: a 20,000-pair corpus, 60 steps of an 8-expert model, 300 test translations
 def test_demo_trains_a_moe_translator_and_writes_a_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", "--steps", "60", "--out", str(out), "--seed", "1"]) == 0
@@ -87,6 +88,17 @@ def test_demo_trains_a_moe_translator_and_writes_a_run_folder(tmp_path, capsys):
 
     assert main(["demo", "--steps", "1", "--out", str(out)]) == 2  # refuses to overwrite the run
     assert "already exists" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_output_folder_that_is_not_empty(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main(["demo", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "already exists" in err and str(out) in err
+    assert [p.name for p in out.iterdir()] == ["summary.json"]  # nothing written next to the old run
 
 
 def test_eval_mt_prints_one_json_object(tmp_path, capsys):

@@ -1,8 +1,9 @@
-"""Meshes and parameter placement: the rules' specs per parameter kind, placement by shard_model, a sharded jitted
-forward equal to the single-device one, and the input errors. Runs on the 8 fake CPU devices of conftest.py."""
+"""Meshes and parameter placement: the rules' specs per parameter kind, placement by shard_model on meshes with
+Auto or Explicit axes, the boundary that moves arrays off an Explicit mesh, and the input errors. Runs on the 8
+fake CPU devices of conftest.py; the sharded model's numerics and compile logs are in
+tests/models/test_sharded_parity.py."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -10,8 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxmoe
 from jaxmoe.nn.lora import LoRAConfig, apply_lora
-from jaxmoe.sharding import (LOGICAL_RULES, MESH_AXES, batch_spec, check_batch, check_mesh, logical_axes,
-                             make_mesh, param_shardings, partition_spec, shard_model)
+from jaxmoe.sharding import (LOGICAL_RULES, MESH_AXES, auto_mesh, batch_spec, check_batch, check_mesh,
+                             logical_axes, make_mesh, param_shardings, partition_spec, shard_model)
 
 MESHES = {"expert8": dict(expert=8), "data2_expert4": dict(data=2, expert=4),
           "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
@@ -25,7 +26,8 @@ EXPECTED = {
     "data2_expert4": {"embedding": _REPL2, "qkv": _REPL2, "o": _REPL2, "gate_up": _REPL2, "down": _REPL2,
                       "router": _REPL2, "w_gate_up": P("expert", None, None), "w_down": P("expert", None, None),
                       "lm_head": _REPL2, "vector": _REPL1},
-    "fsdp2_expert2_tensor2": {"embedding": P("tensor", "fsdp"), "qkv": P("fsdp", "tensor"), "o": P("tensor", "fsdp"),
+    "fsdp2_expert2_tensor2": {"embedding": P(("tensor", "fsdp"), None), "qkv": P("fsdp", "tensor"),
+                              "o": P("tensor", "fsdp"),
                               "gate_up": P("fsdp", "tensor"), "down": P("tensor", "fsdp"), "router": P("fsdp", None),
                               "w_gate_up": P("expert", "fsdp", "tensor"), "w_down": P("expert", "tensor", "fsdp"),
                               "lm_head": P("fsdp", "tensor"), "vector": _REPL1},
@@ -70,19 +72,6 @@ def test_rules_give_the_expected_spec_for_every_parameter_kind(mesh_name, build)
     assert ({"w_gate_up", "w_down", "router"} <= kinds_seen) == (build is moe_model)
 
 
-@pytest.mark.parametrize("mesh_name", ["data2_expert4", "fsdp2_expert2_tensor2"])
-def test_shard_model_places_each_array_as_the_rules_say(mesh_name):
-    mesh = make_mesh(**MESHES[mesh_name])
-    model = moe_model()
-    before = {path: np.asarray(v.get_value()) for path, v in _flat_params(model)}
-    assert shard_model(model, mesh) is model
-    for path, variable in _flat_params(model):
-        array = variable.get_value()
-        assert array.sharding.spec == EXPECTED[mesh_name][_kind(path)], path
-        assert array.sharding.mesh is mesh
-        np.testing.assert_array_equal(np.asarray(array), before[path])
-
-
 def test_lora_adapters_follow_their_kernels_axes():
     mesh = make_mesh(fsdp=2, expert=2, tensor=2)
     model = dense_model()
@@ -95,20 +84,6 @@ def test_lora_adapters_follow_their_kernels_axes():
     assert specs[(*layer, "self_attn", "qkv_proj", "lora_b")] == P(None, "tensor")
     assert specs[(*layer, "mlp", "down_proj", "lora_a")] == P("tensor", None)
     assert specs[(*layer, "mlp", "down_proj", "lora_b")] == P(None, "fsdp")
-
-
-@pytest.mark.parametrize("mesh_name", ["expert8", "fsdp2_expert2_tensor2"])
-def test_sharded_jitted_moe_forward_matches_single_device_logits(mesh_name):
-    mesh = make_mesh(**MESHES[mesh_name])
-    ids = np.random.default_rng(0).integers(3, 512, size=(8, 12)).astype(np.int32)
-    forward = nnx.jit(lambda model, input_ids: model(input_ids).logits)
-    expected = np.asarray(forward(moe_model(), jnp.asarray(ids)))
-
-    model = shard_model(moe_model(), mesh)
-    check_batch(ids.shape[0], mesh)
-    logits = forward(model, jax.device_put(ids, NamedSharding(mesh, batch_spec(mesh))))
-    assert len(logits.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_make_mesh_has_all_axes_with_auto_types():
@@ -180,3 +155,68 @@ def test_unknown_parameter_path_is_an_error():
     model.extra = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="extra.(kernel|bias)"):
         param_shardings(model, make_mesh(expert=8))
+
+
+# ------------------------------------------------------------------------ meshes with Explicit axes (jax.make_mesh)
+
+
+def explicit_mesh(sizes: dict) -> jax.sharding.Mesh:
+    """A mesh as `jax.make_mesh` makes it by default: Explicit axes (checked, so a change of JAX's default shows)."""
+    mesh = jax.make_mesh(tuple(sizes.values()), tuple(sizes))
+    assert mesh.explicit_axes == tuple(sizes)
+    return mesh
+
+
+def test_auto_mesh_keeps_the_devices_and_names_and_makes_explicit_axes_auto():
+    mesh = explicit_mesh(dict(fsdp=2, expert=2, tensor=2))
+    auto = auto_mesh(mesh)
+    assert auto.axis_names == mesh.axis_names and auto.axis_sizes == mesh.axis_sizes
+    assert auto.devices.tolist() == mesh.devices.tolist()
+    assert auto.axis_types == (jax.sharding.AxisType.Auto,) * 3
+    assert auto == jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"), axis_types=auto.axis_types)
+    already = make_mesh(expert=8)
+    assert auto_mesh(already) is already
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+@pytest.mark.parametrize("mesh_name", ["data2_expert4", "fsdp2_expert2_tensor2"])
+def test_shard_model_places_each_array_as_the_rules_say(mesh_name, axis_types):
+    sizes = MESHES[mesh_name]
+    mesh = make_mesh(**sizes) if axis_types == "auto" else explicit_mesh(sizes)
+    model = moe_model()
+    before = {path: np.asarray(v.get_value()) for path, v in _flat_params(model)}
+    assert shard_model(model, mesh) is model
+    for path, variable in _flat_params(model):
+        array = variable.get_value()
+        assert array.sharding.spec == EXPECTED[mesh_name][_kind(path)], path
+        assert array.sharding.mesh == auto_mesh(mesh)
+        np.testing.assert_array_equal(np.asarray(array), before[path])
+    assert model.layers[0].mlp.mesh == auto_mesh(mesh)
+
+
+def test_on_auto_axes_moves_arrays_off_an_explicit_mesh_without_copying():
+    mesh = explicit_mesh(dict(data=2, expert=4))
+    auto = auto_mesh(mesh)
+    placed = jax.device_put(np.arange(32, dtype=np.int32).reshape(8, 4), NamedSharding(mesh, P(("data", "expert"))))
+    holder = nnx.Rngs(params=jax.device_put(jax.random.key(3), NamedSharding(mesh, P())))
+    seen = {}
+
+    @jaxmoe.sharding.on_auto_axes
+    def entry(rngs, batch, *, host):
+        seen.update(rngs=rngs, batch=batch, host=host, context=jax.sharding.get_abstract_mesh())
+        return batch[0]
+
+    host = np.ones(3)
+    out = entry(holder, (placed, placed), host=host)
+    for x in seen["batch"]:
+        assert x.sharding == NamedSharding(auto, P(("data", "expert")))
+        assert [s.data.unsafe_buffer_pointer() for s in x.addressable_shards] == \
+            [s.data.unsafe_buffer_pointer() for s in placed.addressable_shards]
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(placed))
+    assert out.sharding.mesh == auto
+    assert seen["rngs"] is holder and holder.params.key[...].sharding.mesh == auto  # updated in place
+    assert seen["host"] is host
+    assert seen["context"].empty  # no mesh context set: none entered
+    with jax.set_mesh(mesh):
+        entry(holder, (placed,), host=host)
+    assert seen["context"] == auto.abstract_mesh

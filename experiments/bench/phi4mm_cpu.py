@@ -44,7 +44,7 @@ def config() -> jaxmoe.Phi4MMConfig:
     audio = AudioConfig(hidden_size=256, intermediate_size=512, num_blocks=4, num_heads=4, nemo_conv_channels=256,
                         ext_pw_out_channel=256, depthwise_separable_out_channel=256, bias_max_distance=500,
                         audio_token_id=AUDIO_ID)
-    return jaxmoe.Phi4MMConfig(text=text, vision=vision, audio=audio, image_token_id=IMAGE_ID, audio_token_id=AUDIO_ID)
+    return jaxmoe.Phi4MMConfig(text=text, vision=vision, audio=audio)
 
 
 def models(c: jaxmoe.Phi4MMConfig):

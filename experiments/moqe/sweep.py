@@ -147,8 +147,8 @@ def sweep(args) -> None:
 
 
 def _group_size_histogram(model) -> dict:
-    """{group size: matrices} of the sizes FineQuant's adaptive test chose."""
-    values, counts = np.unique([m.group_size for m in quantization_report(model)], return_counts=True)
+    """{group size: matrices} of the sizes FineQuant's adaptive test chose (each expert of a stack a matrix)."""
+    values, counts = np.unique([s for m in quantization_report(model) for s in m.group_sizes], return_counts=True)
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 

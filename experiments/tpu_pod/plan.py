@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import jaxmoe  # noqa: E402
 from jaxmoe.models.phimoe import PhimoeForCausalLM  # noqa: E402
 from jaxmoe.sharding import batch_spec, check_batch, make_mesh, param_shardings, use_mesh_for_experts  # noqa: E402
-from jaxmoe.train.loop import Batch, TrainConfig, _objective, make_optimizer  # noqa: E402
+from jaxmoe.train.loop import Batch, TrainConfig, make_optimizer, next_token_loss  # noqa: E402
 
 MESHES = ("fsdp=4,expert=16", "data=4,expert=16", "fsdp=8,expert=8", "data=2,fsdp=2,expert=16",
           "expert=16,tensor=4")
@@ -162,8 +162,7 @@ def plan_case(mesh_sizes: dict, layers: int, strategy: str, batch: int, seq: int
     def step(params, opt_state, batch, key):
         def objective(params):
             model = nnx.merge(graphdef, _as_state(params), rest)
-            token_total = jnp.sum(batch.loss_mask[:, 1:].astype(jnp.float32))
-            return _objective(model, batch, nnx.Rngs(key), token_total=token_total, micro_batches=1)
+            return next_token_loss(model, batch, nnx.Rngs(key))
         (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

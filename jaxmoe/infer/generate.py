@@ -17,9 +17,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from jaxmoe.models.phi3 import check_token_ids
+from jaxmoe.nn.tokens import check_token_ids, greedy_tokens
+from jaxmoe.sharding import on_auto_axes
 
-__all__ = ["filter_logits", "generate", "greedy_tokens", "sample_logits"]
+__all__ = ["filter_logits", "generate", "sample_logits"]
 
 
 def filter_logits(logits_bv: jax.Array, top_k: int | None = None, top_p=None) -> jax.Array:
@@ -40,17 +41,6 @@ def filter_logits(logits_bv: jax.Array, top_k: int | None = None, top_p=None) ->
         keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
         logits = jnp.where(keep, logits, -jnp.inf)
     return logits
-
-
-def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
-    """argmax over the last axis, int32 [b] (first index among ties).
-
-    Two plain reductions instead of jnp.argmax's (value, index) reduction, which XLA:CPU runs several times
-    slower over a large vocabulary.
-    """
-    vocab = logits_bv.shape[-1]
-    is_max = logits_bv == jnp.max(logits_bv, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
 
 
 def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature=0.0, top_k: int | None = None,
@@ -152,6 +142,7 @@ def _checked_mask(attention_mask, shape) -> np.ndarray:
     return mask
 
 
+@on_auto_axes  # a mesh with Explicit axes: see jaxmoe.sharding
 def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None, rngs: nnx.Rngs | None = None,
              attention_mask=None, pad_token_id: int | None = None, max_length: int | None = None,

@@ -1,5 +1,5 @@
 """Atomic folder writes: a checkpoint folder appears whole or not at all, and what it replaces is removed only
-after the new one is in place."""
+after the new one is in place. `refuse_nonempty` is the check every writer makes before replacing anything."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# The advice of writers that take `overwrite=`.
+OVERWRITE_ADVICE = "pass overwrite=True to replace it or choose another path"
 
 
 @contextlib.contextmanager
@@ -33,3 +36,13 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_nonempty(target: Path, advice: str, *, label: str = "") -> None:
+    """Raises FileExistsError when `target` is a file or a non-empty folder (a missing or empty folder passes).
+    The message names the path (after `label`, e.g. "--out") and ends with `advice`, what the caller's user can
+    do instead (e.g. OVERWRITE_ADVICE)."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{label + ' ' if label else ''}{str(target)!r} already exists and is not empty; "
+                              f"{advice}")

@@ -20,18 +20,18 @@ from safetensors.flax import save_file
 
 from jaxmoe import sharding
 from jaxmoe.config import LongRoPE, ModelConfig, MoEConfig
-from jaxmoe.io.names import ParamSpec, param_specs
-from jaxmoe.io.atomic import atomic_folder
+from jaxmoe.io import families
+from jaxmoe.io.atomic import OVERWRITE_ADVICE, atomic_folder, refuse_nonempty
+from jaxmoe.io.names import ParamSpec, param_specs, tied_head
 from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
-from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
 from jaxmoe.nn.multi_lora import base_param_dict
 
 __all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "load_hf", "save_hf"]
 
 SUPPORTED_MODEL_TYPES = ("phi3", "phimoe")
-_DEFAULT_SHARD_BYTES = 5 * 1024**3
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # save_hf's largest safetensors shard
 
 
 class CheckpointError(ValueError):
@@ -188,7 +188,9 @@ def _set(tree: dict, path: tuple, value) -> None:
 # ------------------------------------------------------------------------------------------------- load
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """config.json of a Hugging Face folder as a dict, with generation_config.json's eos_token_id where it has
+    one; CheckpointError when the folder or its config.json is missing."""
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
     path = folder / "config.json"
@@ -235,11 +237,7 @@ def _piece_shape(piece, param_shape: tuple) -> tuple:
     return piece.hub_shape(shape)
 
 
-def _tied_head(name: str) -> bool:
-    return name == "lm_head.weight"
-
-
-def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *, place, ignore=_tied_head) -> dict:
+def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *, place, ignore=tied_head) -> dict:
     """Every parameter read into a host buffer and handed to `place(path, host)` (device placement) one by one.
     Tensors of the folder that no spec reads are refused unless `ignore(name)` (default: a tied lm_head)."""
     files = _tensor_files(folder)
@@ -289,19 +287,27 @@ def _load_params(folder: Path, specs: list[ParamSpec], abstract: dict, dtype, *,
 
 def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3ForCausalLM:
     """Reads a Hugging Face `phi3`, `phimoe` or `phi4_multimodal` checkpoint folder; returns Phi3ForCausalLM,
-    PhimoeForCausalLM or Phi4MultimodalForCausalLM (`jaxmoe.io.phi4mm`) in eval mode, parameters in `dtype`,
+    PhimoeForCausalLM or Phi4MultimodalForCausalLM in eval mode (the family registered for config.json's
+    `model_type` in `jaxmoe.io.families` reads it: this module or `jaxmoe.io.phi4mm`), parameters in `dtype`,
     computing in `compute_dtype` (default: `dtype`; e.g. float32 master weights with bfloat16 compute for
     fine-tuning).
 
-    mesh: a `jax.sharding.Mesh` with axes from data, fsdp, expert, tensor (`jaxmoe.sharding.make_mesh`): each
-    parameter goes to its devices by `jaxmoe.sharding`'s rules as soon as it is read (one parameter at a time on
-    the host), and MoE blocks run expert-parallel over the `expert` axis."""
+    mesh: a `jax.sharding.Mesh` with axes from data, fsdp, expert, tensor (`jaxmoe.sharding.make_mesh`, or
+    `jax.make_mesh` with Explicit or Auto axes): each parameter goes to its devices by `jaxmoe.sharding`'s rules
+    as soon as it is read (one parameter at a time on the host), and MoE blocks run expert-parallel over the
+    `expert` axis. The model then takes plain arrays, eagerly or under `nnx.jit` (see `jaxmoe.sharding` on
+    axis types)."""
     folder = Path(path)
-    hf = _read_config(folder)
-    if hf.get("model_type") == "phi4_multimodal":
-        from jaxmoe.io.phi4mm import load_phi4mm
+    hf = read_config(folder)
+    family = families.for_model_type(hf.get("model_type"))
+    if family is None:
+        raise CheckpointError(f"unknown model_type {hf.get('model_type')!r} in config.json of {str(folder)!r}; "
+                              f"jaxmoe reads {', '.join(t for f in families.registered() for t in f.model_types)}")
+    return family.load(folder, hf, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
 
-        return load_phi4mm(folder, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
+
+def _load_text(folder: Path, hf: dict, *, dtype, mesh, compute_dtype) -> Phi3ForCausalLM:
+    """`load_hf` for model_type phi3 and phimoe."""
     config = config_from_hf(hf)
     model_class = Phi3ForCausalLM if config.moe is None else PhimoeForCausalLM
     model = load_into(lambda: model_class(config, dtype=compute_dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
@@ -313,11 +319,12 @@ def load_hf(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi3Fo
 
 
 def placer(mesh, sharded=lambda path: path):
-    """`place(path, host)` for `_load_params`: onto the default device, or with `mesh` by `jaxmoe.sharding`'s
-    rules for the parameter path `sharded(path)` (None: replicated)."""
+    """`place(path, host)` for `_load_params`: onto the default device, or with `mesh` onto
+    `jaxmoe.sharding.auto_mesh(mesh)` by its rules for the parameter path `sharded(path)` (None: replicated)."""
     if mesh is None:
         return lambda path, host: jnp.asarray(host)
     sharding.check_mesh(mesh)
+    mesh = sharding.auto_mesh(mesh)
 
     def place(path, host):
         logical = sharded(path)
@@ -327,7 +334,7 @@ def placer(mesh, sharded=lambda path: path):
     return place
 
 
-def load_into(make, folder: Path, specs: list[ParamSpec], dtype, *, place, ignore=_tied_head) -> nnx.Module:
+def load_into(make, folder: Path, specs: list[ParamSpec], dtype, *, place, ignore=tied_head) -> nnx.Module:
     """The model `make()` builds (abstractly: no weights materialised) with every parameter read from `folder`."""
     graphdef, state = nnx.split(nnx.eval_shape(make))
     params = _load_params(folder, specs, nnx.to_pure_dict(state), dtype, place=place, ignore=ignore)
@@ -349,17 +356,22 @@ def _shards(tensors: dict[str, jax.Array], max_bytes: int) -> list[dict[str, jax
     return shards + [current]
 
 
-def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_bytes: int = _DEFAULT_SHARD_BYTES):
+def save_hf(model: Phi3ForCausalLM, path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
     """Writes config.json and safetensors weights that transformers' `Phi3ForCausalLM` (dense),
     `PhimoeForCausalLM` (MoE) or `Phi4MultimodalForCausalLM` `from_pretrained` loads, with Hub tensor names
     (`jaxmoe.io.names`). Mixture-of-LoRA adapters (`jaxmoe.nn.multi_lora`) are left out.
 
     Refuses to replace an existing non-empty folder unless `overwrite=True`; the write is atomic either way.
     """
-    if isinstance(model, Phi4MultimodalForCausalLM):
-        from jaxmoe.io.phi4mm import save_phi4mm  # jaxmoe.io.phi4mm imports this module
+    family = families.for_model(model)
+    if family is None:
+        raise TypeError(f"save_hf: model is a {type(model).__name__}; jaxmoe writes Hugging Face folders for "
+                        f"{', '.join(c.__name__ for f in families.registered() for c in f.model_classes)}")
+    return family.save(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
-        return save_phi4mm(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+def _save_text(model: Phi3ForCausalLM, path, *, overwrite: bool, max_shard_bytes: int) -> Path:
+    """`save_hf` for Phi3ForCausalLM and PhimoeForCausalLM."""
     config = model.config
     return write_checkpoint(path, param_specs(config), base_param_dict(model),
                             lambda dtype: config_to_hf(config, dtype=dtype), overwrite=overwrite,
@@ -371,9 +383,8 @@ def write_checkpoint(path, specs, pure: dict, hf_config, *, overwrite: bool, max
     config.json (`hf_config(dtype)`, dtype the embedding's) plus one or more safetensors shards (with an index),
     written atomically. Refuses a non-empty folder unless `overwrite`."""
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
-                              "or choose another path")
+    if not overwrite:
+        refuse_nonempty(target, OVERWRITE_ADVICE)
     tensors = {}
     for spec in specs:
         value = jnp.asarray(_get(pure, spec.path))
@@ -396,3 +407,8 @@ def write_checkpoint(path, specs, pure: dict, hf_config, *, overwrite: bool, max
             with open(tmp / "model.safetensors.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return target
+
+
+families.register(families.Family(model_types=SUPPORTED_MODEL_TYPES,
+                                  model_classes=(Phi3ForCausalLM, PhimoeForCausalLM), param_specs=param_specs,
+                                  load=_load_text, save=_save_text))

@@ -1,4 +1,8 @@
-"""`load_model`: one entry point for every checkpoint folder jaxmoe reads."""
+"""`load_model`: one entry point for every checkpoint folder jaxmoe reads.
+
+Importing this module registers every model family with `jaxmoe.io.families` (phi3 and phimoe in
+`jaxmoe.io.hf`, phi4_multimodal in `jaxmoe.io.phi4mm`); `import jaxmoe` imports it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmoe.io import phi4mm  # noqa: F401  (registers the phi4_multimodal family)
 from jaxmoe.io.hf import CheckpointError, load_hf
 from jaxmoe.quant.checkpoint import is_jaxmoe_checkpoint, load_quantized
 

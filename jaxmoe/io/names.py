@@ -52,22 +52,42 @@ class ParamSpec:
     pieces: tuple[Piece, ...]
 
 
-def _whole(path: tuple, name: str, transpose: bool = False) -> ParamSpec:
+def whole_spec(path: tuple, name: str, transpose: bool | tuple[int, ...] = False) -> ParamSpec:
+    """The parameter at `path` is the whole Hub tensor `name` (see `Piece.transpose`)."""
     return ParamSpec(path, (Piece(name, ALL, transpose),))
+
+
+def linear_specs(path: tuple, hf: str, *, bias: bool = True) -> Iterator[ParamSpec]:
+    """An `nnx.Linear` at `path` from torch's `hf`.weight [out, in] (transposed) and `hf`.bias."""
+    yield whole_spec((*path, "kernel"), hf + ".weight", transpose=True)
+    if bias:
+        yield whole_spec((*path, "bias"), hf + ".bias")
+
+
+def conv_specs(path: tuple, hf: str, axes: tuple[int, ...]) -> Iterator[ParamSpec]:
+    """An `nnx.Conv` at `path` from torch's `hf`.weight (ours = np.transpose(hub, axes), e.g. (2, 3, 1, 0) for a
+    2-D conv's [out, in, kh, kw] -> [kh, kw, in, out]) and `hf`.bias."""
+    yield whole_spec((*path, "kernel"), hf + ".weight", transpose=axes)
+    yield whole_spec((*path, "bias"), hf + ".bias")
+
+
+def layer_norm_specs(path: tuple, hf: str) -> Iterator[ParamSpec]:
+    """An `nnx.LayerNorm` at `path` from torch's `hf`.weight (our scale) and `hf`.bias."""
+    yield whole_spec((*path, "scale"), hf + ".weight")
+    yield whole_spec((*path, "bias"), hf + ".bias")
 
 
 def _norm(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
     if config.norm == "rms":
-        yield _whole((*path, "weight"), hf + ".weight")
+        yield whole_spec((*path, "weight"), hf + ".weight")
     else:
-        yield _whole((*path, "scale"), hf + ".weight")
-        yield _whole((*path, "bias"), hf + ".bias")
+        yield from layer_norm_specs(path, hf)
 
 
 def _qkv(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
     """Phi-3's fused qkv_proj, or PhiMoE's separate q/k/v projections concatenated into it."""
     if config.moe is None:
-        yield _whole((*path, "kernel"), hf + "qkv_proj.weight", transpose=True)
+        yield whole_spec((*path, "kernel"), hf + "qkv_proj.weight", transpose=True)
         return
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     bounds = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
@@ -78,15 +98,9 @@ def _qkv(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
                                                for p, (a, b) in bounds.items()))
 
 
-def _linear(path: tuple, hf: str, bias: bool) -> Iterator[ParamSpec]:
-    yield _whole((*path, "kernel"), hf + ".weight", transpose=True)
-    if bias:
-        yield _whole((*path, "bias"), hf + ".bias")
-
-
 def _moe(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
     f = config.intermediate_size
-    yield _whole((*path, "router", "kernel"), hf + "gate.weight", transpose=True)
+    yield whole_spec((*path, "router", "kernel"), hf + "gate.weight", transpose=True)
     experts = range(config.moe.num_experts)
     yield ParamSpec((*path, "w_gate_up"), tuple(
         piece for e in experts for piece in (
@@ -97,18 +111,23 @@ def _moe(config: ModelConfig, path: tuple, hf: str) -> Iterator[ParamSpec]:
 
 def param_specs(config: ModelConfig) -> Iterator[ParamSpec]:
     """Every parameter of the model `config` builds, with the Hub tensors that make it up."""
-    yield _whole(("embed_tokens", "embedding"), "model.embed_tokens.weight")
+    yield whole_spec(("embed_tokens", "embedding"), "model.embed_tokens.weight")
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", ("layers", i)
         yield from _norm(config, (*ours, "input_layernorm"), hf + "input_layernorm")
         yield from _norm(config, (*ours, "post_attention_layernorm"), hf + "post_attention_layernorm")
         yield from _qkv(config, (*ours, "self_attn", "qkv_proj"), hf + "self_attn.")
-        yield from _linear((*ours, "self_attn", "o_proj"), hf + "self_attn.o_proj", config.attention_bias)
+        yield from linear_specs((*ours, "self_attn", "o_proj"), hf + "self_attn.o_proj", bias=config.attention_bias)
         if config.moe is None:
             for proj in ("gate_up_proj", "down_proj"):
-                yield _whole((*ours, "mlp", proj, "kernel"), hf + f"mlp.{proj}.weight", transpose=True)
+                yield whole_spec((*ours, "mlp", proj, "kernel"), hf + f"mlp.{proj}.weight", transpose=True)
         else:
             yield from _moe(config, (*ours, "mlp"), hf + "block_sparse_moe.")
     yield from _norm(config, ("norm",), "model.norm")
     if not config.tie_word_embeddings:
-        yield from _linear(("lm_head",), "lm_head", config.lm_head_bias)
+        yield from linear_specs(("lm_head",), "lm_head", bias=config.lm_head_bias)
+
+
+def tied_head(name: str) -> bool:
+    """The Hub's lm_head.weight, which a model with tied embeddings does not read (it reuses embed_tokens)."""
+    return name == "lm_head.weight"

@@ -31,14 +31,11 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors.flax import save_file
 
-from jaxmoe.io.atomic import atomic_folder
-from jaxmoe.io.names import param_specs as text_param_specs
-from jaxmoe.io.phi4mm import param_specs as mm_param_specs
+from jaxmoe.io import families
+from jaxmoe.io.atomic import OVERWRITE_ADVICE, atomic_folder, refuse_nonempty
 from jaxmoe.io.safetensors_file import SafetensorsFile
-from jaxmoe.models.phi3 import Phi3ForCausalLM
-from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM
-from jaxmoe.nn.lora import _UNSUPPORTED_TARGETS, _replace
-from jaxmoe.nn.multi_lora import (MultiLoRALinear, _check_name, _refuse_single_lora, _scope, adapter_names)
+from jaxmoe.nn.lora import UNSUPPORTED_TARGETS
+from jaxmoe.nn.multi_lora import MultiLoRALinear, adapter_names, adapter_scope, wrap_linear
 
 __all__ = ["load_peft_adapter", "save_peft_adapter"]
 
@@ -50,15 +47,13 @@ _PEFT_PREFIX = "base_model.model."
 def _hf_linears(model: nnx.Module) -> dict[str, tuple]:
     """Hugging Face module name (e.g. 'model.layers.0.self_attn.qkv_proj') -> our module path, for every linear
     layer stored as one Hub tensor."""
-    if isinstance(model, Phi4MultimodalForCausalLM):
-        param_specs = mm_param_specs
-    elif isinstance(model, Phi3ForCausalLM):
-        param_specs = text_param_specs
-    else:
-        raise TypeError(f"PEFT adapters: jaxmoe knows the Hugging Face layer names of Phi3ForCausalLM, "
-                        f"PhimoeForCausalLM and Phi4MultimodalForCausalLM, not of {type(model).__name__}")
+    family = families.for_model(model)
+    if family is None:
+        known = ", ".join(c.__name__ for f in families.registered() for c in f.model_classes)
+        raise TypeError(f"PEFT adapters: jaxmoe knows the Hugging Face layer names of {known}, not of "
+                        f"{type(model).__name__}")
     linears = {}
-    for spec in param_specs(model.config):
+    for spec in family.param_specs(model.config):
         if spec.path[-1] == "kernel" and len(spec.pieces) == 1 and spec.pieces[0].transpose is True:
             name = spec.pieces[0].name
             if name.endswith(".weight"):
@@ -67,7 +62,7 @@ def _hf_linears(model: nnx.Module) -> dict[str, tuple]:
 
 
 def _adaptable(path: tuple, scope_path: tuple) -> bool:
-    return path[:len(scope_path)] == scope_path and path[-1] not in _UNSUPPORTED_TARGETS
+    return path[:len(scope_path)] == scope_path and path[-1] not in UNSUPPORTED_TARGETS
 
 
 def _node(model: nnx.Module, path: tuple):
@@ -130,7 +125,7 @@ def load_peft_adapter(model: nnx.Module, folder, name: str, *, dtype=jnp.float32
     name layers the model does not have, missing or unexpected tensors, or PEFT options beyond plain LoRA.
     Returns the number of layers adapted.
     """
-    _check_name(name)
+    _, scope_path = adapter_scope(model, name, caller="load_peft_adapter")
     folder = Path(folder)
     cfg = _read_peft_config(folder)
     weights = folder / WEIGHTS_FILE
@@ -139,10 +134,6 @@ def load_peft_adapter(model: nnx.Module, folder, name: str, *, dtype=jnp.float32
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {str(folder)!r}"
                                 + (f" (it has {pickled}: jaxmoe never loads pickle files; re-save the adapter with "
                                    "safe_serialization=True)" if pickled else ""))
-    scope, scope_path = _scope(model)
-    _refuse_single_lora(scope, "load_peft_adapter")
-    if name in adapter_names(model):
-        raise ValueError(f"load_peft_adapter: the model already has an adapter named {name!r}; choose another name")
     linears = _hf_linears(model)
     targets, excluded = cfg["target_modules"], cfg.get("exclude_modules") or []
     if isinstance(targets, list):
@@ -193,12 +184,9 @@ def load_peft_adapter(model: nnx.Module, folder, name: str, *, dtype=jnp.float32
                                      f"with r={r} from {CONFIG_FILE} this layer needs {list(want)}. Fix r in "
                                      f"{CONFIG_FILE} or use the adapter made for this model")
         for module in sorted(wanted):
-            node = _node(model, linears[module])
-            if isinstance(node, nnx.Linear):
-                wrapped = MultiLoRALinear(node)
-                _replace(_node(model, linears[module][:-1]), linears[module][-1], wrapped)
-                node = wrapped
-            adapter = node.add(name, rank=r, alpha=alpha, use_rslora=rslora, dtype=dtype, rngs=nnx.Rngs(0))
+            path = linears[module]
+            adapter = wrap_linear(_node(model, path[:-1]), path[-1]).add(name, rank=r, alpha=alpha, use_rslora=rslora,
+                                                                        dtype=dtype, rngs=nnx.Rngs(0))
             adapter.lora_a[...] = jnp.asarray(f.array(found[module]["A"]).T, dtype)
             adapter.lora_b[...] = jnp.asarray(f.array(found[module]["B"]).T, dtype)
     return len(wanted)
@@ -218,9 +206,8 @@ def save_peft_adapter(model: nnx.Module, name: str, folder, *, overwrite: bool =
     """Writes adapter `name` as a PEFT LoRA folder that peft's `PeftModel.from_pretrained` (on the transformers
     model that `save_hf` writes) and `load_peft_adapter` read. Tensors are saved in their stored dtype."""
     target = Path(folder)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
-                              "or choose another path")
+    if not overwrite:
+        refuse_nonempty(target, OVERWRITE_ADVICE)
     linears = _hf_linears(model)
     tensors, settings = {}, set()
     for module, path in linears.items():

@@ -1,31 +1,30 @@
 """Hugging Face `phi4_multimodal` checkpoint folders <-> `Phi4MultimodalForCausalLM`.
 
 The language model's config keys and tensors are Phi-4-mini's (`phi3` layout under `model.`, tied embeddings);
-the image and audio embeddings sit under `model.embed_tokens_extend.{image,audio}_embed.`. LoRA adapters are not
-part of the checkpoint: they are PEFT folders (`jaxmoe.io.peft.load_peft_adapter`).
+the image and audio embeddings sit under `model.embed_tokens_extend.{image,audio}_embed.` (the tensor names:
+`jaxmoe.io.names_phi4mm`). LoRA adapters are not part of the checkpoint: they are PEFT folders
+(`jaxmoe.io.peft.load_peft_adapter`). This module registers the family in `jaxmoe.io.families`, so
 `jaxmoe.load_hf` / `jaxmoe.save_hf` dispatch here for this model type.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmoe.io import families
 from jaxmoe.io import hf as hf_io
-from jaxmoe.io.names import ParamSpec, param_specs as text_param_specs
-from jaxmoe.models.phi4mm.audio import AudioConfig, Buffer, audio_param_specs
+from jaxmoe.io.names_phi4mm import ignored, param_specs
+from jaxmoe.models.phi4mm.audio import AudioConfig, Buffer
 from jaxmoe.models.phi4mm.model import Phi4MMConfig, Phi4MultimodalForCausalLM
-from jaxmoe.models.phi4mm.vision import VISION_IGNORED, VisionConfig, vision_param_specs
+from jaxmoe.models.phi4mm.vision import VisionConfig
 from jaxmoe.nn.multi_lora import base_param_dict
 
-__all__ = ["MODEL_TYPE", "config_from_hf", "config_to_hf", "load_phi4mm", "param_specs", "save_phi4mm"]
+__all__ = ["MODEL_TYPE", "config_from_hf", "config_to_hf", "load_phi4mm", "save_phi4mm"]
 
 MODEL_TYPE = "phi4_multimodal"
-IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
-AUDIO_PREFIX = "model.embed_tokens_extend.audio_embed."
 
 # transformers' Phi4MultimodalConfig defaults, for keys a config.json leaves out.
 _TEXT_DEFAULTS = {
@@ -53,8 +52,7 @@ def config_from_hf(hf: dict) -> Phi4MMConfig:
         text_config = hf_io.config_from_hf({**text, "model_type": "phi3"})
         vision = VisionConfig.from_hf(hf.get("vision_config") or {})
         audio = AudioConfig.from_hf(hf.get("audio_config") or {})
-        return Phi4MMConfig(text=text_config, vision=vision, audio=audio, image_token_id=vision.image_token_id,
-                            audio_token_id=audio.audio_token_id)
+        return Phi4MMConfig(text=text_config, vision=vision, audio=audio)
     except ValueError as error:
         if isinstance(error, hf_io.CheckpointError):
             raise
@@ -71,23 +69,9 @@ def config_to_hf(config: Phi4MMConfig, *, dtype=jnp.float32) -> dict:
                          "num_attention_heads, so this model cannot be saved for it")
     hf = hf_io.config_to_hf(text, dtype=dtype)
     del hf["head_dim"]
-    hf.update(architectures=["Phi4MultimodalForCausalLM"], model_type=MODEL_TYPE,
-              vision_config={**config.vision.to_hf(), "image_token_id": config.image_token_id},
-              audio_config={**config.audio.to_hf(), "audio_token_id": config.audio_token_id})
+    hf.update(architectures=["Phi4MultimodalForCausalLM"], model_type=MODEL_TYPE, vision_config=config.vision.to_hf(),
+              audio_config=config.audio.to_hf())
     return hf
-
-
-def param_specs(config: Phi4MMConfig) -> Iterator[ParamSpec]:
-    """Every parameter (and audio buffer) of Phi4MultimodalForCausalLM(config) with its Hub tensors."""
-    for spec in text_param_specs(config.text):
-        yield ParamSpec(("language_model", *spec.path), spec.pieces)
-    yield from vision_param_specs(config.vision, ("image_embed",), IMAGE_PREFIX)
-    yield from audio_param_specs(config.audio, ("audio_embed",), AUDIO_PREFIX)
-
-
-def _ignored(name: str) -> bool:
-    """Hub tensors nothing reads: the vision tower's final LayerNorm and pooling head, and a tied lm_head."""
-    return hf_io._tied_head(name) or any(name.startswith(IMAGE_PREFIX + p) for p in VISION_IGNORED)
 
 
 def load_phi4mm(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Phi4MultimodalForCausalLM:
@@ -95,17 +79,21 @@ def load_phi4mm(path, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> Ph
     parameters in `dtype`, computing in `compute_dtype` (default: `dtype`). With `mesh`, the language model's
     parameters are sharded by `jaxmoe.sharding`'s rules and the encoders' replicated."""
     folder = Path(path)
-    config = config_from_hf(hf_io._read_config(folder))
+    return _load(folder, hf_io.read_config(folder), dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
+
+
+def _load(folder: Path, hf: dict, *, dtype, mesh, compute_dtype) -> Phi4MultimodalForCausalLM:
+    config = config_from_hf(hf)
     place = hf_io.placer(mesh, lambda path: path[1:] if path[0] == "language_model" else None)
     model = hf_io.load_into(lambda: Phi4MultimodalForCausalLM(config, dtype=compute_dtype, param_dtype=dtype,
                                                               rngs=nnx.Rngs(0)),
-                            folder, list(param_specs(config)), dtype, place=place, ignore=_ignored)
+                            folder, list(param_specs(config)), dtype, place=place, ignore=ignored)
     model.eval()
     return model
 
 
 def save_phi4mm(model: Phi4MultimodalForCausalLM, path, *, overwrite: bool = False,
-                max_shard_bytes: int = hf_io._DEFAULT_SHARD_BYTES) -> Path:
+                max_shard_bytes: int = hf_io.DEFAULT_SHARD_BYTES) -> Path:
     """Writes config.json and safetensors weights that transformers' Phi4MultimodalForCausalLM `from_pretrained`
     loads (atomically; refuses a non-empty folder unless overwrite=True). LoRA adapters are left out: save them
     with `jaxmoe.io.peft.save_peft_adapter`."""
@@ -113,3 +101,7 @@ def save_phi4mm(model: Phi4MultimodalForCausalLM, path, *, overwrite: bool = Fal
     return hf_io.write_checkpoint(path, param_specs(config), base_param_dict(model, nnx.Any(nnx.Param, Buffer)),
                                   lambda dtype: config_to_hf(config, dtype=dtype), overwrite=overwrite,
                                   max_shard_bytes=max_shard_bytes)
+
+
+families.register(families.Family(model_types=(MODEL_TYPE,), model_classes=(Phi4MultimodalForCausalLM,),
+                                  param_specs=param_specs, load=_load, save=save_phi4mm))

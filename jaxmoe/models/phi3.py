@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
@@ -15,17 +14,8 @@ from jaxmoe.moe.layer import SparseMoeBlock
 from jaxmoe.moe.router import expert_load, load_balancing_loss, router_z_loss
 from jaxmoe.nn.norms import make_norm
 from jaxmoe.nn.rope import rope_cos_sin
-
-
-def check_token_ids(input_ids, vocab_size: int) -> None:
-    """Raises ValueError for ids outside [0, vocab_size) when the ids are concrete (skipped under tracing)."""
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(input_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check that the tokenizer "
-                         "matches this model's checkpoint")
+from jaxmoe.nn.tokens import check_token_ids
+from jaxmoe.sharding import on_auto_axes
 
 
 def routing_losses(routings, valid_bt, moe) -> dict:
@@ -117,6 +107,7 @@ class Phi3ForCausalLM(nnx.Module):
         return KVCache.create(num_layers=c.num_layers, batch=batch, max_len=max_len, num_kv_heads=c.num_kv_heads,
                               head_dim=c.head_dim, dtype=dtype or self.dtype)
 
+    @on_auto_axes  # a mesh with Explicit axes: see jaxmoe.sharding
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  segment_ids=None, cache: KVCache | None = None, logits_to_keep: int = 0,
                  rngs: nnx.Rngs | None = None) -> CausalLMOutput:

@@ -12,14 +12,14 @@ The expert computation over the sorted copies, `expert_ffn`, picks an implementa
                 TPU, XLA elsewhere) with SwiGLU between; the default off CPU. Quantized weights go into the kernel
                 packed.
   "xla_ragged"  the same with `lax.ragged_dot` (a quantized weight is dequantized whole first).
-  "blocked"     the CPU path: one loop over row tiles that runs gate_up -> SwiGLU -> down per tile (XLA:CPU runs
-                `ragged_dot` about 15x slower than a dense matmul of the same FLOPs); a quantized weight is
-                dequantized one expert at a time, once per non-empty expert.
+  "blocked"     the CPU path: one loop over row tiles (the "cpu" gmm backend's, `pallas_kernels.grouped.tiles`)
+                that runs gate_up -> SwiGLU -> down per tile (XLA:CPU runs `ragged_dot` about 15x slower than a
+                dense matmul of the same FLOPs); a quantized weight is dequantized one expert at a time, once per
+                non-empty expert.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -28,10 +28,12 @@ import numpy as np
 import pallas_kernels
 from jax import lax
 from pallas_kernels import QuantizedWeight
+from pallas_kernels.grouped.tiles import add_to_group, fold_group_tiles, group_weight, write_rows
 
 from jaxmoe.moe.dispatch import permute, route, unpermute
 
-# Row-tile heights of the "blocked" path, largest first, each half the one before; see `_for_each_tile`.
+# Row-tile heights of the "blocked" path, largest first, each half the one before (`fold_group_tiles`). Measured
+# on experiments/bench/moe_layer.py: a single height of 128 rows (all tiles masked) was 10% slower, 512 rows 20%.
 TILE_ROWS = (512, 256, 128, 64)
 
 
@@ -44,7 +46,7 @@ def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gat
     `expert_ffn`. Differentiable in x, weights, and float w_gate_up and w_down (QuantizedWeights get zero
     cotangents).
     """
-    _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
+    check_moe_ffn_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
     dispatch = route(experts_tk, w_gate_up.shape[0], capacity_factor=capacity_factor)
     out_md = expert_ffn(permute(x_td, dispatch), w_gate_up, w_down, dispatch.group_sizes_e,
                         implementation=implementation)
@@ -56,7 +58,7 @@ def dense_moe_reference(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.
     """The obviously correct twin of `moe_ffn` (dropless): every token through every expert, masked combine.
     Costs e/k times the FLOPs of `moe_ffn`; meant for tests and for checking a run. A QuantizedWeight is
     dequantized whole (to its float dtype) first."""
-    _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
+    check_moe_ffn_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
     w_gate_up, w_down = (w.dequantize() if isinstance(w, QuantizedWeight) else w for w in (w_gate_up, w_down))
     e = w_gate_up.shape[0]
     hi = lax.Precision.HIGHEST
@@ -116,86 +118,38 @@ def _ragged_dot(lhs_md: jax.Array, rhs_ekn, group_sizes_e: jax.Array) -> jax.Arr
     return lax.ragged_dot(lhs_md, rhs_ekn, group_sizes_e, preferred_element_type=jnp.float32).astype(lhs_md.dtype)
 
 
-# The "blocked" CPU path. Each expert's rows are cut into row tiles inside `fori_loop`s whose trip counts come
-# from group_sizes_e, and each tile runs gate_up -> SwiGLU -> down as ordinary matmuls against that expert's
-# weights. On the 2-core benchmark machine the layer is bound by memory traffic (a fresh page costs about
-# 0.3 ms per MB), so the whole FFN runs per tile and the backward recomputes the tile's gate_up product instead
-# of keeping it: no [m, 2f] or [m, f] activation or gradient buffer exists in either pass. Alternatives measured
-# by experiments/bench/moe_layer.py --alternatives (figures in BENCHMARKS.md), all slower: the same tiles as two
-# separate grouped matmuls with SwiGLU between (materialises those buffers), the fused tiles keeping h for the
-# backward, one batched einsum over padded [blocks, B, d] with each block's expert weight gathered (a weight
-# copy per block), and lax.ragged_dot. A dense [e, C, d] buffer or a one-hot dense formulation would need e/k
-# times the FLOPs to stay dropless (C = t).
-def _for_each_tile(group_sizes_e: jax.Array, num_rows: int, per_expert: Callable, tile: Callable, carry):
-    """Folds `tile(carry, ctx, e, start, rows, valid)` over every expert's row tiles; ctx = per_expert(e).
+# The "blocked" CPU path. Each expert's rows are cut into row tiles (`pallas_kernels.grouped.tiles`, heights
+# TILE_ROWS) inside `fori_loop`s whose trip counts come from group_sizes_e, and each tile runs gate_up -> SwiGLU ->
+# down as ordinary matmuls against that expert's weights. On the 2-core benchmark machine the layer is bound by
+# memory traffic (a fresh page costs about 0.3 ms per MB), so the whole FFN runs per tile and the backward
+# recomputes the tile's gate_up product instead of keeping it: no [m, 2f] or [m, f] activation or gradient buffer
+# exists in either pass. Alternatives measured by experiments/bench/moe_layer.py --alternatives (figures in
+# BENCHMARKS.md), all slower: the same tiles as two separate grouped matmuls with SwiGLU between (materialises
+# those buffers), the fused tiles keeping h for the backward, one batched einsum over padded [blocks, B, d] with
+# each block's expert weight gathered (a weight copy per block), and lax.ragged_dot. A dense [e, C, d] buffer or a
+# one-hot dense formulation would need e/k times the FLOPs to stay dropless (C = t).
+def _fold_expert_tiles(tile: Callable, carry, x_md, w_gate_up, w_down, group_sizes_e):
+    """Folds `tile(carry, (w_gate_up[e] [d, 2f], w_down[e] [f, d]), e, start, rows, valid)` over every expert's
+    row tiles of the sorted buffer x [m, d]; the weights come in x's dtype (a QuantizedWeight dequantized one
+    expert at a time), empty experts cost nothing (decoding touches k experts)."""
+    def expert_weights(e):
+        return group_weight(w_gate_up, e, x_md.dtype), group_weight(w_down, e, x_md.dtype)
 
-    A tile is rows [start, start + rows) of the sorted buffer, all of expert e when `valid` is None. An expert's
-    rows are covered by tiles of TILE_ROWS[0] rows, then at most one tile of each smaller height (the binary
-    digits of the remainder), then one tile of the smallest height for the last few rows, with `valid` bool
-    [rows] marking them (shifted back if it would run past the buffer's end). So every expert wastes fewer
-    than TILE_ROWS[-1] rows, most rows go through the largest matmuls, and empty experts cost nothing.
-    Measured on the benchmark: a single height of 128 rows (all tiles masked) was 10% slower, 512 rows 20%.
-    """
-    heights = tuple(r for r in TILE_ROWS if r <= num_rows) or (num_rows,)
-    big, last = heights[0], heights[-1]
-    ends_e = jnp.cumsum(group_sizes_e)
-    starts_e = ends_e - group_sizes_e
-
-    def expert(e, carry):
-        ctx = per_expert(e)
-        start, rest = starts_e[e], group_sizes_e[e]
-        n_big = rest // big
-        carry = lax.fori_loop(0, n_big, lambda i, c: tile(c, ctx, e, start + i * big, big, None), carry)
-        start, rest = start + n_big * big, rest - n_big * big
-        for rows in heights[1:]:
-            take = rest >= rows
-            carry = lax.cond(take, lambda c, s=start, r=rows: tile(c, ctx, e, s, r, None), lambda c: c, carry)
-            start, rest = start + jnp.where(take, rows, 0), rest - jnp.where(take, rows, 0)
-        shifted = jnp.minimum(start, num_rows - last)
-        row = shifted + jnp.arange(last)
-        valid = (row >= start) & (row < start + rest)
-        return lax.cond(rest > 0, lambda c: tile(c, ctx, e, shifted, last, valid), lambda c: c, carry)
-
-    def nonempty_expert(e, carry):  # skips even the weight slices of empty experts (decoding touches k experts)
-        return lax.cond(group_sizes_e[e] > 0, expert, lambda e, c: c, e, carry)
-
-    return lax.fori_loop(0, group_sizes_e.shape[0], nonempty_expert, carry)
-
-
-def _expert_weights(w_gate_up, w_down, dtype):
-    """The per-expert hook of `_for_each_tile`: e -> (w_gate_up[e] [d, 2f], w_down[e] [f, d]) in dtype."""
-    return lambda e: (_expert_slice(w_gate_up, e, dtype), _expert_slice(w_down, e, dtype))
-
-
-def _expert_slice(w_ekn, e, dtype) -> jax.Array:
-    """w[e] as a float [k, n]; a QuantizedWeight's slice e (codes, scales, zeros) is dequantized to dtype."""
-    if not isinstance(w_ekn, QuantizedWeight):
-        return lax.dynamic_index_in_dim(w_ekn, e, keepdims=False)
-    take = lambda a: None if a is None else lax.dynamic_index_in_dim(a, e)  # noqa: E731
-    one = dataclasses.replace(w_ekn, codes=take(w_ekn.codes), scale=take(w_ekn.scale), zero=take(w_ekn.zero),
-                              shape=(1,) + tuple(w_ekn.shape[1:]))
-    return one.dequantize(dtype)[0]
+    return fold_group_tiles(tile, carry, group_sizes_e, num_rows=x_md.shape[0], heights=TILE_ROWS,
+                            per_group=expert_weights)
 
 
 def _matmul(a, b, contract):
     return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _write_rows(buffer_md, start, rows_nd, valid):
-    """buffer[start : start + len(rows)] = rows, keeping the buffer's rows where `valid` is False."""
-    if valid is not None:
-        rows_nd = jnp.where(valid[:, None], rows_nd, lax.dynamic_slice_in_dim(buffer_md, start, valid.shape[0]))
-    return lax.dynamic_update_slice_in_dim(buffer_md, rows_nd, start, axis=0)
-
-
 def _blocked_forward(x_md, w_gate_up, w_down, group_sizes_e):
     def tile(out_md, weights, e, start, rows, valid):
         w_d2f, w_fd = weights
         h = _matmul(lax.dynamic_slice_in_dim(x_md, start, rows), w_d2f, ((1,), (0,))).astype(x_md.dtype)
-        return _write_rows(out_md, start, _matmul(_swiglu(h), w_fd, ((1,), (0,))).astype(x_md.dtype), valid)
+        return write_rows(out_md, start, _matmul(_swiglu(h), w_fd, ((1,), (0,))), valid)
 
-    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down, x_md.dtype), tile,
-                          jnp.zeros_like(x_md))
+    return _fold_expert_tiles(tile, jnp.zeros_like(x_md), x_md, w_gate_up, w_down, group_sizes_e)
 
 
 def _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md):
@@ -211,25 +165,18 @@ def _blocked_backward(x_md, w_gate_up, w_down, group_sizes_e, dout_md):
         h = _matmul(x, w_d2f, ((1,), (0,))).astype(x_md.dtype)  # recomputed: cheaper than storing [m, 2f]
         a, swiglu_vjp = jax.vjp(_swiglu, h)
         (dh,) = swiglu_vjp(_matmul(dout, w_fd, ((1,), (1,))).astype(h.dtype))
-        dx = _matmul(dh, w_d2f, ((1,), (1,))).astype(dx_md.dtype)
+        dx = _matmul(dh, w_d2f, ((1,), (1,)))
         if dw_gate_up is not None:
-            dw_gate_up = _add_to_expert(dw_gate_up, e, _matmul(x, dh, ((0,), (0,))))
+            dw_gate_up = add_to_group(dw_gate_up, e, _matmul(x, dh, ((0,), (0,))))
         if dw_down is not None:
-            dw_down = _add_to_expert(dw_down, e, _matmul(a, dout, ((0,), (0,))))
-        return _write_rows(dx_md, start, dx, valid), dw_gate_up, dw_down
+            dw_down = add_to_group(dw_down, e, _matmul(a, dout, ((0,), (0,))))
+        return write_rows(dx_md, start, dx, valid), dw_gate_up, dw_down
 
     def gradient_buffer(w):
         return None if isinstance(w, QuantizedWeight) else jnp.zeros(w.shape, jnp.float32)
 
     carry = (jnp.zeros_like(x_md), gradient_buffer(w_gate_up), gradient_buffer(w_down))
-    return _for_each_tile(group_sizes_e, x_md.shape[0], _expert_weights(w_gate_up, w_down, x_md.dtype), tile,
-                          carry)
-
-
-def _add_to_expert(acc_ekn, e, update_kn):
-    """acc[e] += update, as a dynamic_update_slice (in place in the loop; no scatter-add)."""
-    return lax.dynamic_update_index_in_dim(acc_ekn, lax.dynamic_index_in_dim(acc_ekn, e, keepdims=False) + update_kn,
-                                           e, 0)
+    return _fold_expert_tiles(tile, carry, x_md, w_gate_up, w_down, group_sizes_e)
 
 
 @jax.custom_vjp
@@ -263,7 +210,10 @@ IMPLEMENTATIONS: dict[str, Callable[[jax.Array, jax.Array, jax.Array, jax.Array]
 }
 
 
-def _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down) -> None:
+def check_moe_ffn_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down) -> None:
+    """The boundary checks of `moe_ffn` and its twins (also `jaxmoe.moe.parallel`'s): x [t, d], weights float
+    [t, k], int experts [t, k] with concrete ids in [0, e), w_gate_up [e, d, 2f], w_down [e, f, d]; raises
+    ValueError naming the value otherwise."""
     if x_td.ndim != 2:
         raise ValueError(f"x_td has shape {x_td.shape}; expected [tokens, d_model] (flatten batch and time)")
     t, d = x_td.shape

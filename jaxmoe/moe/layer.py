@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from pallas_kernels import QuantizedWeight, sparsemixer_top2
+from pallas_kernels import MixedQuantizedWeight, QuantizedWeight, sparsemixer_top2
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.moe.experts import moe_ffn
@@ -87,8 +87,10 @@ class SparseMoeBlock(nnx.Module):
 def _expert_weight(variable: nnx.Variable, compute, sharded: bool):
     """The weight `moe_ffn` takes: a float parameter as read (`[...]`, which applies QAT's fake quantization) in
     the compute dtype; a quantized one packed, or dequantized for the expert-parallel path (whose shard_map takes
-    plain arrays)."""
+    plain arrays). Per-expert group sizes (a MixedQuantizedWeight) go in as its `uniform()` form."""
     value = variable.get_value()
+    if isinstance(value, MixedQuantizedWeight):
+        value = value.uniform()
     if isinstance(value, QuantizedWeight):
         return value.dequantize(compute) if sharded else value
     return variable[...].astype(compute)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxmoe.moe.dispatch import permute, route, unpermute
-from jaxmoe.moe.experts import _check_inputs, expert_ffn
+from jaxmoe.moe.experts import check_moe_ffn_inputs, expert_ffn
 
 STRATEGIES = ("all_gather", "all_to_all")
 
@@ -77,7 +77,7 @@ def moe_ffn_sharded(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Arra
     `resolve_strategy`; implementation: see `expert_ffn`. Meant for `jax.jit`; on a mesh with Explicit axes the
     inputs are resharded to the shard_map's specs first. Differentiable in x, weights, w_gate_up and w_down.
     """
-    _check_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
+    check_moe_ffn_inputs(x_td, weights_tk, experts_tk, w_gate_up, w_down)
     strategy = resolve_strategy(strategy)
     names = tuple(mesh.axis_names)
     if isinstance(token_axes, str):

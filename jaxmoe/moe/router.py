@@ -34,21 +34,21 @@ _VARIANTS = {"v2": _Variant(1.0, 0.75, True), "v2*": _Variant(0.5, 0.375, False)
 
 
 @jax.custom_vjp
-def _heun_multiplier(scores_te, p_t1, onehot_te, gates_te, c_t1):
-    """Forward p * c [T, 1]; backward d/dscores = G p (onehot - gates), nothing to the other inputs."""
+def _heun_multiplier(scores_te, p_t1, expert_t1, gates_te, c_t1):
+    """Forward p * c [T, 1]; backward d/dscores = G p (onehot(expert) - gates), nothing to the other inputs."""
     return p_t1 * c_t1
 
 
-def _heun_multiplier_fwd(scores_te, p_t1, onehot_te, gates_te, c_t1):
-    return p_t1 * c_t1, (p_t1, onehot_te, gates_te, c_t1)
+def _heun_multiplier_fwd(scores_te, p_t1, expert_t1, gates_te, c_t1):
+    return p_t1 * c_t1, (p_t1, expert_t1, gates_te)  # the backward's inputs only; onehot is rebuilt from expert
 
 
 def _heun_multiplier_bwd(residuals, g_t1):
-    p_t1, onehot_te, gates_te, c_t1 = residuals
+    p_t1, expert_t1, gates_te = residuals
     gp_t1 = g_t1 * p_t1  # the coin's c is deliberately not applied (PhimoeMultiplier.backward)
+    onehot_te = (jnp.arange(gates_te.shape[-1]) == expert_t1).astype(jnp.float32)
     d_scores_te = gates_te * -gp_t1 + onehot_te * gp_t1
-    zeros = jax.tree.map(jnp.zeros_like, (p_t1, onehot_te, gates_te, c_t1))
-    return (d_scores_te, *zeros)
+    return d_scores_te, None, None, None, None  # None: zero cotangents (p and gates come from stop_gradient)
 
 
 _heun_multiplier.defvjp(_heun_multiplier_fwd, _heun_multiplier_bwd)
@@ -75,8 +75,8 @@ def _pick(scores_te, candidates_te, *, threshold, variant, exp_te, u_t1):
     if variant.argmax_full_scale:
         full_scale_t1 |= expert_t1 == jnp.argmax(gates_te, axis=-1, keepdims=True)
     c_t1 = _THIRD + _TWO_THIRDS * full_scale_t1.astype(jnp.float32)
-    onehot_te = (jnp.arange(candidates_te.shape[-1]) == expert_t1).astype(jnp.float32)
-    return _heun_multiplier(scores_te, p_t1, onehot_te, gates_te, c_t1), expert_t1.astype(jnp.int32)
+    expert_t1 = expert_t1.astype(jnp.int32)
+    return _heun_multiplier(scores_te, p_t1, expert_t1, gates_te, c_t1), expert_t1
 
 
 def sparsemixer(scores: jax.Array, *, jitter_eps: float, training: bool, noise=None, rngs: nnx.Rngs | None = None,

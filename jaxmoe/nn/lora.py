@@ -19,15 +19,19 @@ adapted either.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora"]
+from jaxmoe.nn.graph import set_submodule, submodules
+
+__all__ = ["UNSUPPORTED_TARGETS", "LoRAAdapter", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora"]
 
 # Linear layers whose owners read `.kernel` instead of calling the layer, with the reason shown to the user.
-_UNSUPPORTED_TARGETS = {
+# Single (`apply_lora`) and mixture (`jaxmoe.nn.multi_lora`, `jaxmoe.io.peft`) adapters skip them alike.
+UNSUPPORTED_TARGETS = {
     "lm_head": "the model reads lm_head.kernel directly (an adapter there would be silently skipped)",
     "router": "the MoE block reads router.kernel directly and its routing must stay as trained",
 }
@@ -51,53 +55,51 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.targets is {self.targets!r}; expected a non-empty tuple of layer names, "
                              "e.g. ('qkv_proj', 'o_proj')")
         for name in self.targets:
-            if name in _UNSUPPORTED_TARGETS:
+            if name in UNSUPPORTED_TARGETS:
                 raise ValueError(f"LoRAConfig.targets contains {name!r}, which cannot be adapted: "
-                                 f"{_UNSUPPORTED_TARGETS[name]}; remove it from targets")
+                                 f"{UNSUPPORTED_TARGETS[name]}; remove it from targets")
 
 
-class LoRALinear(nnx.Module):
+class LoRAAdapter(nnx.Module):
+    """One adapter's matrices and scale: lora_a [in, r], lora_b [r, out] (float32 by default: PEFT's
+    autocast_adapter_dtype, so that small updates on a bf16 model are not rounded away), scale alpha / r, or
+    alpha / sqrt(r) with rsLoRA. `lora_a` starts as PEFT's (uniform in ±1/sqrt(in)) and `lora_b` at zero, so a
+    fresh adapter's update is zero."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, use_rslora: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.rank, self.alpha, self.use_rslora = int(rank), float(alpha), bool(use_rslora)
+        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        # variance_scaling(1/3, fan_in, uniform) is torch's kaiming_uniform_(a=sqrt(5)), PEFT's lora_A init.
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), dtype))
+
+    def update(self, x: jax.Array, compute) -> jax.Array:
+        """x [..., in] -> (x @ lora_a @ lora_b) * scale [..., out], computed in the dtype `compute`."""
+        return (x.astype(compute) @ self.lora_a[...].astype(compute)) @ self.lora_b[...].astype(compute) * self.scale
+
+
+class LoRALinear(LoRAAdapter):
     """y = base(x) + (x @ lora_a @ lora_b) * alpha / rank, around an existing `nnx.Linear` kept as `.base`.
 
-    x [..., in] -> y [..., out]. `lora_a` [in, r] starts as PEFT's (uniform in ±1/sqrt(in)) and `lora_b` [r, out]
-    at zero, so a fresh adapter leaves the output unchanged. The adapters are stored in float32 (PEFT's
-    autocast_adapter_dtype) so that small updates on a bf16 model are not rounded away; the adapter matmul runs
-    in the base's compute dtype.
+    x [..., in] -> y [..., out]. The adapter (`LoRAAdapter`: float32 matrices, a fresh one a no-op) runs its
+    matmuls in the base's compute dtype.
     """
 
     def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
         self.base = base
-        self.scale = alpha / rank
-        # variance_scaling(1/3, fan_in, uniform) is torch's kaiming_uniform_(a=sqrt(5)), PEFT's lora_A init.
-        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (base.in_features, rank), jnp.float32))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, base.out_features), jnp.float32))
+        super().__init__(base.in_features, base.out_features, rank=rank, alpha=alpha, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.base(x)
-        compute = self.base.dtype or y.dtype
-        update = (x.astype(compute) @ self.lora_a[...].astype(compute)) @ self.lora_b[...].astype(compute)
-        return y + (update * self.scale).astype(y.dtype)
+        return y + self.update(x, self.base.dtype or y.dtype).astype(y.dtype)
 
     def merged_kernel(self) -> jax.Array:
         """base.kernel + lora_a @ lora_b * scale [in, out], summed in float32, in the kernel's dtype."""
         kernel = self.base.kernel[...]
         delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32) * self.scale
         return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-
-
-def _children(model: nnx.Module, kind: type) -> list[tuple[object, str | int, nnx.Module]]:
-    """(parent, attribute name or list index, node) for every `kind` node in the graph below `model`."""
-    nodes = dict(nnx.iter_graph(model))
-    return [(nodes[path[:-1]], path[-1], node) for path, node in nodes.items()
-            if path and isinstance(node, kind)]
-
-
-def _replace(parent, key: str | int, node: nnx.Module) -> None:
-    if isinstance(key, int):
-        parent[key] = node
-    else:
-        setattr(parent, key, node)
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> int:
@@ -108,20 +110,20 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> int:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"apply_lora: config is a {type(config).__name__}; expected a LoRAConfig")
-    if _children(model, LoRALinear):
+    if submodules(model, LoRALinear):
         raise ValueError(f"apply_lora: this {type(model).__name__} already has LoRA adapters; call merge_lora(model) "
                          "first to fold them in, or keep training the existing ones")
-    linears = [(parent, key, linear) for parent, key, linear in _children(model, nnx.Linear) if isinstance(key, str)]
+    linears = [(parent, key, linear) for parent, key, linear in submodules(model, nnx.Linear) if isinstance(key, str)]
     existing = sorted({key for _, key, _ in linears})
     missing = [name for name in config.targets if name not in existing]
     if missing:
         raise ValueError(
             f"apply_lora: targets {missing} match no nnx.Linear attribute of this {type(model).__name__}; its "
-            f"linear layers are {existing} (not adaptable: {sorted(_UNSUPPORTED_TARGETS)}; MoE expert weights are "
+            f"linear layers are {existing} (not adaptable: {sorted(UNSUPPORTED_TARGETS)}; MoE expert weights are "
             "not nnx.Linear). Pass LoRAConfig(targets=...) with names from that list")
     chosen = [(parent, key, linear) for parent, key, linear in linears if key in config.targets]
     for parent, key, linear in chosen:
-        _replace(parent, key, LoRALinear(linear, rank=config.rank, alpha=config.alpha, rngs=rngs))
+        set_submodule(parent, key, LoRALinear(linear, rank=config.rank, alpha=config.alpha, rngs=rngs))
     return len(chosen)
 
 
@@ -130,8 +132,8 @@ def merge_lora(model: nnx.Module) -> int:
 
     Returns the number of adapters merged (0 for a model without any). Logits are unchanged up to rounding.
     """
-    adapted = _children(model, LoRALinear)
+    adapted = submodules(model, LoRALinear)
     for parent, key, lora in adapted:
         lora.base.kernel[...] = lora.merged_kernel()
-        _replace(parent, key, lora.base)
+        set_submodule(parent, key, lora.base)
     return len(adapted)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import re
 from collections.abc import Iterator, Sequence
 
@@ -33,10 +32,11 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.nn.lora import _UNSUPPORTED_TARGETS, LoRAConfig, LoRALinear, _children, _replace
+from jaxmoe.nn.graph import set_submodule, submodules
+from jaxmoe.nn.lora import UNSUPPORTED_TARGETS, LoRAAdapter, LoRAConfig, LoRALinear
 
-__all__ = ["LoRAAdapter", "MultiLoRALinear", "add_adapter", "adapter_names", "base_param_dict",
-           "select_adapters"]
+__all__ = ["MultiLoRALinear", "add_adapter", "adapter_names", "adapter_scope", "base_param_dict", "select_adapters",
+           "wrap_linear"]
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -87,24 +87,6 @@ def select_adapters(names: Sequence[str], sel_b) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ layers
 
 
-class LoRAAdapter(nnx.Module):
-    """One adapter's matrices: lora_a [in, r], lora_b [r, out] (float32 by default), and its scale: alpha / r,
-    or alpha / sqrt(r) with rsLoRA."""
-
-    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, use_rslora: bool = False,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        self.rank, self.alpha, self.use_rslora = int(rank), float(alpha), bool(use_rslora)
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        # PEFT's initialisation: lora_a kaiming-uniform (a=sqrt(5)), lora_b zero, so a fresh adapter is a no-op.
-        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), dtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), dtype))
-
-    def update(self, x: jax.Array, compute) -> jax.Array:
-        """x [..., in] -> (x @ lora_a @ lora_b) * scale [..., out], computed in `compute`."""
-        return (x.astype(compute) @ self.lora_a[...].astype(compute)) @ self.lora_b[...].astype(compute) * self.scale
-
-
 class MultiLoRALinear(nnx.Module):
     """y = base(x) + the update of the adapter selected for each batch row (see `select_adapters`).
 
@@ -151,30 +133,44 @@ class MultiLoRALinear(nnx.Module):
 # ------------------------------------------------------------------------------------------------ adding
 
 
-def _scope(model: nnx.Module) -> tuple[nnx.Module, tuple]:
-    """The part of `model` that holds adapters (a multimodal model's language model) and its path."""
-    lm = getattr(model, "language_model", None)
-    return (lm, ("language_model",)) if isinstance(lm, nnx.Module) else (model, ())
-
-
-def _check_name(name) -> None:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise ValueError(f"adapter name {name!r} is not usable; expected a non-empty string of letters, digits, "
-                         "'_' or '-', e.g. 'vision'")
-
-
-def _refuse_single_lora(scope: nnx.Module, what: str) -> None:
-    if _children(scope, LoRALinear):
-        raise ValueError(f"{what}: this model has single LoRA adapters (jaxmoe.nn.lora.apply_lora); fold them in "
-                         "with merge_lora(model) first")
-
-
 def adapter_names(model: nnx.Module) -> tuple[str, ...]:
     """The names of the adapters on the model's `MultiLoRALinear` layers, in the order first added."""
     names: dict[str, None] = {}
-    for _, _, layer in _children(model, MultiLoRALinear):
+    for _, _, layer in submodules(model, MultiLoRALinear):
         names.update(dict.fromkeys(layer.adapters))
     return tuple(names)
+
+
+def adapter_scope(model: nnx.Module, name: str, *, caller: str) -> tuple[nnx.Module, tuple]:
+    """Checks that a new adapter `name` can go on `model` and returns the part of the model that holds adapters
+    (a multimodal model's `language_model`, else the model itself) with its path in the model.
+
+    Raises ValueError, naming `caller`, for a name that is not letters, digits, '_' or '-', a name the model
+    already has, and a model carrying single LoRA adapters (`jaxmoe.nn.lora.apply_lora`)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"{caller}: adapter name {name!r} is not usable; expected a non-empty string of letters, "
+                         "digits, '_' or '-', e.g. 'vision'")
+    lm = getattr(model, "language_model", None)
+    scope, path = (lm, ("language_model",)) if isinstance(lm, nnx.Module) else (model, ())
+    if submodules(scope, LoRALinear):
+        raise ValueError(f"{caller}: this model has single LoRA adapters (jaxmoe.nn.lora.apply_lora); fold them in "
+                         "with merge_lora(model) first")
+    if name in adapter_names(model):
+        raise ValueError(f"{caller}: the model already has an adapter named {name!r}; choose another name")
+    return scope, path
+
+
+def wrap_linear(parent, key: str | int) -> MultiLoRALinear:
+    """The `MultiLoRALinear` at `parent.key` (`parent[key]` for a list index); a plain `nnx.Linear` there is
+    wrapped in one in place first."""
+    node = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(node, nnx.Linear):
+        node = MultiLoRALinear(node)
+        set_submodule(parent, key, node)
+    if not isinstance(node, MultiLoRALinear):
+        raise TypeError(f"wrap_linear: layer {key!r} is a {type(node).__name__}; adapters wrap nnx.Linear layers "
+                        "only (a quantized model: add adapters before quantizing, or dequantize it)")
+    return node
 
 
 def add_adapter(model: nnx.Module, name: str, config: LoRAConfig, *, rngs: nnx.Rngs) -> int:
@@ -184,30 +180,23 @@ def add_adapter(model: nnx.Module, name: str, config: LoRAConfig, *, rngs: nnx.R
 
     A fresh adapter leaves the outputs unchanged (lora_b is zero) until trained. Returns the number of layers.
     """
-    _check_name(name)
     if not isinstance(config, LoRAConfig):
         if not all(hasattr(config, field) for field in ("rank", "alpha", "targets")):
             raise TypeError(f"add_adapter: config is a {type(config).__name__}; expected a jaxmoe.nn.lora.LoRAConfig "
                             "(or an object with rank, alpha and targets)")
         config = LoRAConfig(rank=config.rank, alpha=config.alpha, targets=tuple(config.targets))
-    scope, _ = _scope(model)
-    _refuse_single_lora(scope, "add_adapter")
-    if name in adapter_names(model):
-        raise ValueError(f"add_adapter: the model already has an adapter named {name!r}; choose another name")
-    layers = [(p, k, n) for p, k, n in _children(scope, (nnx.Linear, MultiLoRALinear))
+    scope, _ = adapter_scope(model, name, caller="add_adapter")
+    layers = [(p, k) for p, k, _ in submodules(scope, (nnx.Linear, MultiLoRALinear))
               if isinstance(k, str) and not isinstance(p, MultiLoRALinear)]
-    existing = sorted({k for _, k, _ in layers} - set(_UNSUPPORTED_TARGETS))
+    existing = sorted({k for _, k in layers} - set(UNSUPPORTED_TARGETS))
     missing = [t for t in config.targets if t not in existing]
     if missing:
         raise ValueError(f"add_adapter: targets {missing} match no linear layer of this {type(scope).__name__}; "
                          f"its adaptable linear layers are {existing}. Pass LoRAConfig(targets=...) with names from "
                          "that list")
-    chosen = [(p, k, n) for p, k, n in layers if k in config.targets]
-    for parent, key, node in chosen:
-        if isinstance(node, nnx.Linear):
-            node = MultiLoRALinear(node)
-            _replace(parent, key, node)
-        node.add(name, rank=config.rank, alpha=config.alpha, rngs=rngs)
+    chosen = [(p, k) for p, k in layers if k in config.targets]
+    for parent, key in chosen:
+        wrap_linear(parent, key).add(name, rank=config.rank, alpha=config.alpha, rngs=rngs)
     return len(chosen)
 
 

@@ -2,8 +2,9 @@
 
 A folder holds
   config.json        {"format": "jaxmoe", "format_version": 1, "architecture", "dtype" (compute), "param_dtype",
-                      "config": every ModelConfig field, "quantization": {matrix path: {bits, group_size,
-                      symmetric}}} (the plan is empty for a float model: `jaxmoe convert` writes those)
+                      "config": every ModelConfig field, "quantization": {matrix path: {bits, group_size (an int,
+                      or a list of one per expert), symmetric}}} (the plan is empty for a float model: `jaxmoe
+                      convert` writes those)
   model.safetensors  (format "safetensors") every parameter by its path, "."-joined ("layers.0.mlp.w_down");
                      a quantized one as three tensors "<path>.codes" (uint8, packed), "<path>.scale" and, when
                      asymmetric, "<path>.zero"; the header metadata repeats the plan ("quantization", JSON)
@@ -25,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from pallas_kernels import QuantizedWeight
+from pallas_kernels import MixedQuantizedWeight, QuantizedWeight
 from safetensors import safe_open
 from safetensors.flax import save_file
 
 from jaxmoe.config import LongRoPE, ModelConfig, MoEConfig
 from jaxmoe.io.hf import CheckpointError
-from jaxmoe.io.atomic import atomic_folder
+from jaxmoe.io.atomic import OVERWRITE_ADVICE, atomic_folder, refuse_nonempty
 from jaxmoe.io.safetensors_file import SafetensorsFile
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
@@ -92,7 +93,7 @@ def _flatten(pure: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flatten(value, name + "."))
-        elif isinstance(value, QuantizedWeight):
+        elif isinstance(value, (QuantizedWeight, MixedQuantizedWeight)):
             flat.update({f"{name}.{part}": getattr(value, part) for part in _PARTS if getattr(value, part) is not None})
         else:
             flat[name] = value
@@ -106,7 +107,7 @@ def _unflatten_like(abstract: dict, flat: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out[key] = _unflatten_like(value, flat, name + ".")
-        elif isinstance(value, QuantizedWeight):
+        elif isinstance(value, (QuantizedWeight, MixedQuantizedWeight)):
             out[key] = dataclasses.replace(value, **{part: None if getattr(value, part) is None else
                                                      flat[f"{name}.{part}"] for part in _PARTS})
         else:
@@ -157,9 +158,8 @@ def save_quantized(model: nnx.Module, path, *, format: str = "safetensors", over
     expected = _expected_tensors(header, "the model being saved")
     _check_tensors(tensors, expected, f"this {header['architecture']} (LoRA adapters? call merge_lora first)")
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists and is not empty; pass overwrite=True to replace it "
-                              "or choose another path")
+    if not overwrite:
+        refuse_nonempty(target, OVERWRITE_ADVICE)
     with atomic_folder(target) as tmp:
         (tmp / "config.json").write_text(json.dumps(header, indent=2))
         if format == "safetensors":

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 
+from jaxmoe.io.atomic import refuse_nonempty
 from jaxmoe.io.hf import save_hf
 from jaxmoe.io.load import load_model
 from jaxmoe.quant.checkpoint import FORMATS, is_jaxmoe_checkpoint, save_quantized
@@ -99,8 +100,7 @@ def format_report(before: dict[str, int], after: dict[str, int]) -> str:
 
 def _check_out(target: Path) -> None:
     """Fail before any work when the output folder is taken."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"--out {str(target)!r} already exists and is not empty; choose another folder")
+    refuse_nonempty(target, "choose another folder", label="--out")
 
 
 def run_quantize(args) -> int:
@@ -110,7 +110,8 @@ def run_quantize(args) -> int:
                          symmetric=not args.asymmetric)
     print(format_report(bytes_by_group(model), bytes_by_group(quantized)))
     report = quantization_report(quantized)
-    print(f"{len(report)} matrices at {args.bits} bits, group sizes {sorted({m.group_size for m in report})}")
+    sizes = sorted({size for m in report for size in m.group_sizes})
+    print(f"{len(report)} matrices at {args.bits} bits, group sizes {sizes}")
     if args.group_size == "adaptive":
         for matrix in report:
             print(f"  {matrix.path} {list(matrix.shape)}: group size {matrix.group_size}")

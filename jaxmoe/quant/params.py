@@ -1,9 +1,11 @@
 """Where a quantized weight lives in a model: `QuantizedParam` (the variable) and `QuantizedLinear` (the layer).
 
 A quantized matrix is a `pallas_kernels.QuantizedWeight` (packed codes, scales, zero points; the format of
-pallas_kernels/README.md) of shape (g, k, n): g = 1 for a linear kernel [k, n], g = experts for an expert stack.
-It sits in a `QuantizedParam`, an `nnx.Variable` that is *not* an `nnx.Param`, so optimizers and `nnx.Param`
-filters skip it (it has no gradient) while `nnx.state`, `nnx.split` and `nnx.eval_shape` carry it as usual.
+pallas_kernels/README.md) of shape (g, k, n): g = 1 for a linear kernel [k, n], g = experts for an expert stack;
+an expert stack whose experts have different group sizes ("adaptive") is a `pallas_kernels.MixedQuantizedWeight`
+(each expert's scales stored once; the MoE block hands the kernels its `uniform()` form). It sits in a
+`QuantizedParam`, an `nnx.Variable` that is *not* an `nnx.Param`, so optimizers and `nnx.Param` filters skip it
+(it has no gradient) while `nnx.state`, `nnx.split` and `nnx.eval_shape` carry it as usual.
 """
 
 from __future__ import annotations

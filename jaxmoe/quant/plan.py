@@ -51,7 +51,8 @@ class Matrix:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How one matrix is quantized. group_size: an int (rows of k per scale), None (per-channel: k), or an
-    AdaptiveGroupSize (chosen per matrix from its values). bits None: the matrix stays float."""
+    AdaptiveGroupSize (chosen per matrix from its values, per expert for an expert stack). bits None: the matrix
+    stays float."""
 
     bits: int | None
     group_size: int | None | AdaptiveGroupSize

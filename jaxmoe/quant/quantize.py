@@ -4,7 +4,8 @@
 (jaxmoe.quant.plan: target, rules) are packed `pallas_kernels.QuantizedWeight`s: an `nnx.Linear` becomes a
 `QuantizedLinear`, an expert stack's parameter a `QuantizedParam`. Each decision is logged (logger
 "jaxmoe.quant", INFO) and `quantization_report(model)` lists the stored per-matrix settings (the group size
-"adaptive" chose included). With fixed group sizes `quantize` traces, so `nnx.eval_shape(lambda:
+"adaptive" chose included: one per expert for an expert stack whose experts chose differently, stored as a
+`pallas_kernels.MixedQuantizedWeight`). With fixed group sizes `quantize` traces, so `nnx.eval_shape(lambda:
 quantize(Model(config, rngs=...), ...))` sizes a quantized model without materialising any weight.
 """
 
@@ -30,15 +31,21 @@ logger = logging.getLogger("jaxmoe.quant")
 @dataclasses.dataclass(frozen=True)
 class QuantizedMatrix:
     """One quantized matrix as stored: its path (jaxmoe.quant.plan), "linear" or "experts", the float weight's
-    [g, k, n] shape, bits, group size (rows of k per scale; k is per-channel), symmetric, and packed bytes."""
+    [g, k, n] shape, bits, group size (rows of k per scale; k is per-channel; a tuple of g sizes when the experts
+    of a stack have different ones), symmetric, and packed bytes."""
 
     path: str
     kind: str
     shape: tuple[int, int, int]
     bits: int
-    group_size: int
+    group_size: int | tuple[int, ...]
     symmetric: bool
     nbytes: int
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """The group size of each of the g matrices (experts)."""
+        return self.group_size if isinstance(self.group_size, tuple) else (self.group_size,) * self.shape[0]
 
     def settings(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
@@ -49,12 +56,13 @@ def quantize(model: nnx.Module, *, bits: int, group_size, target: str, symmetric
     """A copy of `model` with weight-only quantized matrices; same call signature and outputs' structure.
 
     bits: 8, 4, 3 or 2. group_size: rows of the input dimension k per scale (must divide k), None for one scale
-    per column (per-channel), "adaptive" (FineQuant: per matrix, the coarsest of k, k/2, ... down to 64 that
-    passes `jaxmoe.quant.RangeCollapse`: at most 0.1% of 64-row column pieces lose over half their range; see
-    jaxmoe.quant.adaptive), or an `AdaptiveGroupSize` (another test or floor). target: "experts" (MoE expert weights only: MoQE) or "linear" (every linear layer but the
-    embeddings and the router, lm_head included when untied, and the experts). symmetric: absmax scales
-    (zero point 2^(bits-1)) or, False, min-max scales with per-group zero points. rules: [(regex, settings)]
-    per matrix path, first match wins, e.g. "dense FFN only" is
+    per column (per-channel), "adaptive" (FineQuant: per matrix, and per expert in an expert stack, the coarsest
+    of k, k/2, ... down to 64 that passes `jaxmoe.quant.RangeCollapse`: at most 0.1% of 64-row column pieces lose
+    over half their range; see jaxmoe.quant.adaptive), or an `AdaptiveGroupSize` (another test or floor). target:
+    "experts" (MoE expert weights only: MoQE) or "linear" (every linear layer but the embeddings and the router,
+    lm_head included when untied, and the experts). symmetric: absmax scales (zero point 2^(bits-1)) or, False,
+    min-max scales over a range that includes 0, with per-group zero points. rules: [(regex, settings)] per
+    matrix path, first match wins, e.g. "dense FFN only" is
         quantize(model, bits=4, group_size=64, target="linear", rules=[(r"mlp/(gate_up|down)_proj", {}),
                                                                        (r".", {"bits": None})])
     (see jaxmoe.quant.plan). Scales are stored in bfloat16.
@@ -74,11 +82,13 @@ def quantize(model: nnx.Module, *, bits: int, group_size, target: str, symmetric
         w_gkn = w[None] if matrix.kind == "linear" else w
         size = settings.group_size
         if isinstance(size, AdaptiveGroupSize):
-            size = size.choose(w_gkn, bits=settings.bits, symmetric=settings.symmetric, path=matrix.path)
+            sizes = size.choose(w_gkn, bits=settings.bits, symmetric=settings.symmetric, path=matrix.path)
+            size = sizes[0] if len(set(sizes)) == 1 else sizes  # one int unless the experts differ
         size = matrix.shape[1] if size is None else size
         _quantize_matrix(matrix, w_gkn, bits=settings.bits, group_size=size, symmetric=settings.symmetric)
-        logger.info("quantized %s %s: %d bits, group size %d%s, %s", matrix.path, list(matrix.shape), settings.bits,
-                    size, " (per-channel)" if size == matrix.shape[1] else "",
+        logger.info("quantized %s %s: %d bits, group size %s%s, %s", matrix.path, list(matrix.shape), settings.bits,
+                    size if isinstance(size, int) else f"per expert {list(size)}",
+                    " (per-channel)" if size == matrix.shape[1] else "",
                     "symmetric" if settings.symmetric else "asymmetric")
     return copy
 
@@ -103,8 +113,10 @@ def _check_qat_settings(model: nnx.Module, planned) -> None:
                              "with the bits, group_size, symmetric and target it trained with")
 
 
-def _quantize_matrix(matrix: Matrix, w_gkn, *, bits: int, group_size: int, symmetric: bool) -> None:
-    """Replaces the matrix in its parent: nnx.Linear -> QuantizedLinear, expert parameter -> QuantizedParam."""
+def _quantize_matrix(matrix: Matrix, w_gkn, *, bits: int, group_size: int | tuple[int, ...],
+                     symmetric: bool) -> None:
+    """Replaces the matrix in its parent: nnx.Linear -> QuantizedLinear, expert parameter -> QuantizedParam
+    (a MixedQuantizedWeight when group_size is a tuple, one size per expert)."""
     packed = pack(w_gkn, bits=bits, group_size=group_size, symmetric=symmetric)
     if matrix.kind == "linear":
         linear = getattr(matrix.parent, matrix.key)
@@ -116,8 +128,9 @@ def _quantize_matrix(matrix: Matrix, w_gkn, *, bits: int, group_size: int, symme
 
 
 def apply_plan(model: nnx.Module, plan: dict[str, dict]) -> nnx.Module:
-    """Quantizes `model` in place by a stored plan {matrix path: {"bits", "group_size" (int), "symmetric"}}
-    (`quantization_report`'s settings; used to rebuild a saved model's structure). Returns the model."""
+    """Quantizes `model` in place by a stored plan {matrix path: {"bits", "group_size" (int, or a list / tuple of
+    one int per expert), "symmetric"}} (`quantization_report`'s settings; used to rebuild a saved model's
+    structure). Returns the model."""
     matrices = {m.path: m for m in find_matrices(model)}
     unknown = sorted(set(plan) - set(matrices))
     if unknown:
@@ -127,6 +140,8 @@ def apply_plan(model: nnx.Module, plan: dict[str, dict]) -> nnx.Module:
     for path, settings in plan.items():
         matrix = matrices[path]
         w = matrix.variable().get_value()
+        if isinstance(settings.get("group_size"), list):  # per-expert sizes, as JSON stores them
+            settings = {**settings, "group_size": tuple(settings["group_size"])}
         _quantize_matrix(matrix, w[None] if matrix.kind == "linear" else w, **settings)
     return model
 

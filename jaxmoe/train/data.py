@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 __all__ = ["DataError", "MonolingualSource", "ParallelSource", "Records", "load_split", "prepare_monolingual",
@@ -269,7 +268,7 @@ def load_split(builder_or_name: tfds.core.DatasetBuilder | str, split: str, *, d
         try:
             builder = tfds.builder(builder_or_name, data_dir=data_dir, file_format="array_record")
         except tfds.core.registered.DatasetNotFoundError:
-            # Without TensorFlow, builders whose code imports it (e.g. wmt*_translate) are only found from files.
+            # Without TensorFlow, builders whose code needs it (the wmt translation ones) are only found from files.
             raise FileNotFoundError(
                 f"{missing}. Note: tfds finds no builder named {builder_or_name!r} here; the builders of some public "
                 "datasets (e.g. wmt*_translate) import TensorFlow, so preparing them needs `pip install "

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxmoe.infer.generate import greedy_tokens
+from jaxmoe.nn.tokens import greedy_tokens
+from jaxmoe.sharding import on_auto_axes
 
-__all__ = ["Batch", "TrainConfig", "evaluate", "learning_rate_schedule", "make_optimizer", "next_token_loss",
-           "train_step"]
+__all__ = ["Batch", "TrainConfig", "current_learning_rate", "evaluate", "learning_rate_schedule", "make_optimizer",
+           "next_token_loss", "next_token_stats", "train_step"]
 
 
 class Batch(NamedTuple):
@@ -92,11 +93,18 @@ def _adamw_clipped(learning_rate, *, config: TrainConfig) -> optax.GradientTrans
 def make_optimizer(model: nnx.Module, config: TrainConfig, *, wrt=nnx.Param) -> nnx.Optimizer:
     """An `nnx.Optimizer` over the model's `wrt` variables (all `nnx.Param`s, or `nnx.LoRAParam` to train only
     LoRA adapters); the current learning rate lives in its state."""
+    return nnx.Optimizer(model, _transformation(config), wrt=wrt)
+
+
+@functools.cache
+def _transformation(config: TrainConfig) -> optax.GradientTransformation:
+    """One optax transformation per TrainConfig. The optimizer's transformation is a static part of its graph,
+    compared by identity: a new one per optimizer would make train_step compile again for every optimizer built
+    (each `train` call, each resume in the same process)."""
     # inject_hyperparams keeps the scheduled learning rate in the optimizer state, so train_step reports the
     # rate it actually used without being handed the schedule separately.
-    tx = optax.inject_hyperparams(_adamw_clipped, static_args=("config",))(
+    return optax.inject_hyperparams(_adamw_clipped, static_args=("config",))(
         learning_rate=learning_rate_schedule(config), config=config)
-    return nnx.Optimizer(model, tx, wrt=wrt)
 
 
 def _target_weights(batch: Batch) -> jax.Array:
@@ -123,19 +131,32 @@ def _check_batch(batch: Batch, rank: int) -> None:
         raise ValueError(f"Batch.input_ids has shape {shape}; expected {what} with time >= 2")
 
 
+def next_token_stats(logits_btv: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """How well the logits at t predict token t + 1, summed over the batch's targets (see Batch).
+
+    logits_btv: float [b, t, v], a model's logits for batch.input_ids int [b, t]. Returns float32 []:
+    "loss_sum" (cross-entropy), "tokens" (targets) and "correct" (targets equal to the greedy token).
+    """
+    if tuple(logits_btv.shape[:2]) != tuple(batch.input_ids.shape) or logits_btv.ndim != 3:
+        raise ValueError(f"next_token_stats: logits have shape {tuple(logits_btv.shape)} but input_ids have "
+                         f"{tuple(batch.input_ids.shape)}; expected the model's logits [batch, time, vocab] for "
+                         "those ids")
+    logits_btv = logits_btv[:, :-1]
+    targets_bt = batch.input_ids[:, 1:]
+    weight_bt = _target_weights(batch)
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
+    correct_bt = (greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)
+    return {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
+            "correct": jnp.sum(correct_bt.astype(jnp.float32))}
+
+
 def _objective(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, *, token_total, micro_batches: int
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed cross-entropy / token_total + the MoE losses / micro_batches: summed over the micro-batches of a
     step this is exactly the whole batch's loss. Returns (objective, stats)."""
     out = model(batch.input_ids, attention_mask=batch.attention_mask, segment_ids=batch.segment_ids,
                 positions=batch.positions, rngs=rngs)
-    logits_btv = out.logits[:, :-1]
-    targets_bt = batch.input_ids[:, 1:]
-    weight_bt = _target_weights(batch)
-    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
-    correct_bt = (greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)
-    stats = {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
-             "correct": jnp.sum(correct_bt.astype(jnp.float32))}
+    stats = next_token_stats(out.logits, batch)
     objective = stats["loss_sum"] / jnp.maximum(token_total, 1.0)
     if out.aux_loss is not None:
         moe = model.config.moe
@@ -158,6 +179,7 @@ def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = Non
     return _objective(model, batch, rngs, token_total=jnp.sum(_target_weights(batch)), micro_batches=1)
 
 
+@on_auto_axes  # a mesh with Explicit axes: see jaxmoe.sharding
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """One AdamW step on `batch`, in place, on the parameters the optimizer was built for (`optimizer.wrt`:
@@ -245,7 +267,7 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs:
     tokens = jnp.sum(stats["tokens"])
     metrics = {"loss": jnp.sum(stats["loss_sum"]) / jnp.maximum(tokens, 1.0),
                "grad_norm": optax.global_norm(grads),
-               "learning_rate": _current_learning_rate(optimizer),
+               "learning_rate": current_learning_rate(optimizer),
                "accuracy": jnp.sum(stats["correct"]) / jnp.maximum(tokens, 1.0), "tokens": tokens}
     if "aux_loss" in stats:
         metrics.update(aux_loss=jnp.mean(stats["aux_loss"]), router_z_loss=jnp.mean(stats["router_z_loss"]),
@@ -253,8 +275,14 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs:
     return metrics
 
 
-def _current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array:
-    return optimizer.opt_state.hyperparams["learning_rate"][...]
+def current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array:
+    """float32 []: the learning rate of the optimizer's latest update (before any, the schedule's first value).
+    The optimizer must come from make_optimizer, which keeps the scheduled rate in its state."""
+    hyperparams = getattr(optimizer.opt_state, "hyperparams", None)
+    if not isinstance(hyperparams, dict) or "learning_rate" not in hyperparams:
+        raise ValueError("current_learning_rate: the optimizer's state holds no scheduled learning rate; build the "
+                         "optimizer with jaxmoe.train.make_optimizer")
+    return hyperparams["learning_rate"][...]
 
 
 @nnx.jit

@@ -36,7 +36,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 import yaml
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmoe import sharding
@@ -51,7 +50,8 @@ from jaxmoe.mt.eval import score, translate
 from jaxmoe.nn.lora import LoRAConfig, apply_lora, merge_lora
 from jaxmoe.train import batches as batch_lib
 from jaxmoe.train import data as data_lib
-from jaxmoe.train.checkpoint import Checkpointer, any_process, is_primary, sync_processes
+from jaxmoe.train.checkpoint import Checkpointer
+from jaxmoe.train.hosts import any_process, gather_to_host, is_primary, sync_processes
 from jaxmoe.train.loop import Batch, TrainConfig, evaluate, make_optimizer, train_step
 from jaxmoe.train.metrics import MetricsLogger, plot_expert_load, plot_losses, read_expert_load
 from jaxmoe.train.run_config import ConfigError, RunConfig, run_config_from_dict
@@ -299,14 +299,6 @@ def _next_batch(stream: batch_lib.BatchStream, grad_accum: int, mesh) -> Batch:
                          None if mesh is None else _batch_sharding(mesh, grad_accum))
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole value of `x` as numpy, gathered from the other processes when they hold parts of it (every
-    process must call it then: a collective)."""
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _stop_diverged(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
     """Raises TrainingDivergedError naming the step and the last good checkpoint, once pending saves are on disk;
     nothing of the diverged step is saved."""
@@ -439,7 +431,7 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 _stop_diverged(step, loss, grad_norm, checkpointer)
             window_tokens += int(jnp.sum(batch.attention_mask))  # the global batch's, whatever this process holds
-            load = _to_host(metrics["expert_load"]) if is_moe else None
+            load = gather_to_host(metrics["expert_load"]) if is_moe else None
             if load is not None:
                 load_sum = load if load_sum is None else load_sum + load
                 load_count += 1
@@ -514,7 +506,7 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
     if config.model.lora is not None:
         merge_lora(model)
     if jax.process_count() > 1:  # save_hf reads whole arrays: gather each parameter from the processes
-        nnx.update(model, jax.tree.map(_to_host, nnx.state(model, nnx.Param)))
+        nnx.update(model, jax.tree.map(gather_to_host, nnx.state(model, nnx.Param)))
     if primary:
         problem = hf_problems(model.config)
         if problem is None:

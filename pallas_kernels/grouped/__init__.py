@@ -12,4 +12,8 @@
 
 A backend raises NotImplementedError("...why...") for a case it does not handle; pallas_kernels.ops then tries
 the next implementation registered in pallas_kernels.registry, XLA ("xla", reference.py) last.
+
+tiles.py holds the blocked loop of the "cpu" backend, public for other blocked CPU paths (jaxmoe's fused expert
+FFN): `fold_group_tiles` (a fold over each group's row tiles), `group_weight` (one group's float or dequantized
+weight), `write_rows` and `add_to_group` (in-place row and group updates).
 """

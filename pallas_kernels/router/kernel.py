@@ -68,14 +68,14 @@ def _route(scores_tp, noise, threshold, block_tokens, interpret):
 
 def _route_fwd(scores_tp, noise, threshold, block_tokens, interpret):
     weights_t2, experts_t2, probs_t2 = _forward(scores_tp, noise, threshold, block_tokens, interpret)
-    return (weights_t2, experts_t2), (scores_tp, experts_t2, probs_t2, noise)
+    return (weights_t2, experts_t2), (scores_tp, experts_t2, probs_t2)  # not the noise: it gets no gradient
 
 
 def _route_bwd(threshold, block_tokens, interpret, residuals, cotangents):
-    scores_tp, experts_t2, probs_t2, noise = residuals
+    scores_tp, experts_t2, probs_t2 = residuals
     d_weights_t2, _ = cotangents  # the experts' cotangent is float0
     d_scores_tp = _backward(scores_tp, experts_t2, probs_t2, d_weights_t2, threshold, block_tokens, interpret)
-    return d_scores_tp, jax.tree.map(jnp.zeros_like, noise)
+    return d_scores_tp, None  # None: a zero cotangent for every noise array
 
 
 _route.defvjp(_route_fwd, _route_bwd)

@@ -38,7 +38,8 @@ def _route(scores_te, draws, threshold):
 
 
 def _forward(scores_te, draws, threshold):
-    """-> weights [T, 2], experts int32 [T, 2], and per round (p [T, 1], onehot [T, E], gates [T, E])."""
+    """-> weights [T, 2], experts int32 [T, 2], and per round what the backward needs: (p [T, 1], expert int32
+    [T, 1], gates [T, E])."""
     exp1, u1, exp2, u2 = draws if draws is not None else (None,) * 4
     w1_t1, e1_t1, saved1 = _pick(scores_te, threshold, exp1, u1)
     without_first_te = jnp.where(jnp.arange(scores_te.shape[1]) == e1_t1, -jnp.inf, scores_te)
@@ -48,25 +49,29 @@ def _forward(scores_te, draws, threshold):
 
 def _route_fwd(scores_te, draws, threshold):
     weights_t2, experts_t2, saved = _forward(scores_te, draws, threshold)
-    return (weights_t2, experts_t2), (saved, draws)
+    return (weights_t2, experts_t2), saved  # not the draws: they get no gradient
 
 
-def _route_bwd(threshold, residuals, cotangents):
-    saved, draws = residuals
+def _route_bwd(threshold, saved, cotangents):
     d_weights_t2, _ = cotangents  # the experts' cotangent is float0
     d_scores_te = 0.0
-    for r, (p_t1, onehot_te, gates_te) in enumerate(saved):
+    for r, (p_t1, expert_t1, gates_te) in enumerate(saved):
         gp_t1 = d_weights_t2[:, r : r + 1] * p_t1
-        d_scores_te = d_scores_te + (gates_te * -gp_t1 + onehot_te * gp_t1)
-    return d_scores_te, jax.tree.map(jnp.zeros_like, draws)
+        d_scores_te = d_scores_te + (gates_te * -gp_t1 + _onehot(expert_t1, gates_te.shape[1]) * gp_t1)
+    return d_scores_te, None  # None: a zero cotangent for every draw
 
 
 _route.defvjp(_route_fwd, _route_bwd)
 
 
+def _onehot(expert_t1, experts: int):
+    """float32 [T, experts]: 1 at each row's expert."""
+    return (jnp.arange(experts) == expert_t1).astype(jnp.float32)
+
+
 def _pick(candidates_te, threshold, exp_te, u_t1):
     """One round over candidates [T, E] (earlier picks -inf) -> (weight [T, 1], expert int32 [T, 1],
-    (p [T, 1], onehot [T, E], gates [T, E])). `exp_te` None: eval."""
+    (p [T, 1], expert int32 [T, 1], gates [T, E])). `exp_te` None: eval."""
     top_t1 = jnp.max(candidates_te, axis=-1, keepdims=True)
     far_te = (top_t1 - candidates_te) / jnp.maximum(jnp.abs(candidates_te), top_t1) > threshold  # 0/0: kept
     logits_te = jnp.where(far_te, -jnp.inf, candidates_te)
@@ -76,10 +81,10 @@ def _pick(candidates_te, threshold, exp_te, u_t1):
     else:
         expert_t1 = jnp.argmax(logits_te - jnp.log(exp_te), axis=-1, keepdims=True)  # Gumbel-max: a draw from gates
     p_t1 = jnp.take_along_axis(gates_te, expert_t1, axis=-1)
-    onehot_te = (jnp.arange(candidates_te.shape[-1]) == expert_t1).astype(jnp.float32)
-    saved = (p_t1, onehot_te, gates_te)
+    expert_t1 = expert_t1.astype(jnp.int32)
+    saved = (p_t1, expert_t1, gates_te)
     if exp_te is None:
-        return p_t1, expert_t1.astype(jnp.int32), saved
+        return p_t1, expert_t1, saved
     full_scale_t1 = (u_t1 > _COIN_THRESHOLD) | (expert_t1 == jnp.argmax(gates_te, axis=-1, keepdims=True))
     c_t1 = _THIRD + _TWO_THIRDS * full_scale_t1.astype(jnp.float32)
-    return p_t1 * c_t1, expert_t1.astype(jnp.int32), saved
+    return p_t1 * c_t1, expert_t1, saved

@@ -9,9 +9,18 @@ from flax import nnx
 import jaxmoe
 
 
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 24)), jnp.int32)
+logits_of = nnx.jit(lambda model, ids: model(ids).logits)  # compiled: op by op, each dtype compiles every op
+
+
 @pytest.fixture(scope="module")
 def fp32_model():
     return jaxmoe.Phi3ForCausalLM(jaxmoe.get_preset("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def fp32_logits(fp32_model):
+    return np.asarray(logits_of(fp32_model, IDS))
 
 
 def _params_with(model, dtype):
@@ -19,15 +28,14 @@ def _params_with(model, dtype):
 
 
 @pytest.mark.parametrize("param_dtype,dtype", [(jnp.bfloat16, None), (jnp.float32, jnp.bfloat16)])
-def test_bf16_compute_tracks_fp32_logits(fp32_model, param_dtype, dtype):
+def test_bf16_compute_tracks_fp32_logits(fp32_model, fp32_logits, param_dtype, dtype):
     model = jaxmoe.Phi3ForCausalLM(jaxmoe.get_preset("tiny"), dtype=dtype, param_dtype=param_dtype,
                                    rngs=nnx.Rngs(0))
     assert _params_with(model, param_dtype)
     # Same weights as the fp32 model, stored in param_dtype.
     nnx.update(model, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(fp32_model, nnx.Param)))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 24)), jnp.int32)
-    ref = np.asarray(fp32_model(ids).logits)
-    got = model(ids).logits
+    ref = fp32_logits
+    got = logits_of(model, IDS)
     assert got.dtype == jnp.float32  # logits always fp32
     assert np.isfinite(np.asarray(got)).all()
     # bf16 has 8 mantissa bits: agreement to a few percent of the logit scale, and the same argmax almost always.

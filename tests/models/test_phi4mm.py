@@ -4,6 +4,7 @@ transformers loads; each row's input mode selects its LoRA adapter as PEFT appli
 do not match the inputs fail clearly."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from flax import nnx
 import jaxmoe
 from jaxmoe.io.peft import load_peft_adapter
 from jaxmoe.io.phi4mm import config_to_hf
-from jaxmoe.models.phi4mm.model import InputMode, Phi4MultimodalForCausalLM, get_mm_preset
+from jaxmoe.models.phi4mm.model import InputMode, Phi4MMConfig, Phi4MultimodalForCausalLM, get_mm_preset
 from jaxmoe.models.phi4mm.vision import num_image_tokens
 
 TOL = 1e-4
@@ -219,3 +220,20 @@ def test_loading_onto_a_mesh_shards_the_language_model_and_keeps_the_logits(mode
     inputs = dict(audio_input_features=FEATURES, audio_embed_sizes=AUDIO_SIZES, audio_attention_mask=AUDIO_MASK)
     np.testing.assert_allclose(np.asarray(sharded(ids, **inputs).logits), np.asarray(model(ids, **inputs).logits),
                                rtol=0, atol=1e-5)
+
+
+def test_placeholder_ids_live_in_the_encoder_configs_and_reach_transformers_there():
+    assert (IMAGE, AUDIO) == (CONFIG.vision.image_token_id, CONFIG.audio.audio_token_id) == (500, 501)
+    moved = CONFIG.replace(vision=dataclasses.replace(CONFIG.vision, image_token_id=7))
+    assert (moved.image_token_id, moved.audio_token_id) == (7, 501)
+    hf = transformers.Phi4MultimodalConfig(**{k: v for k, v in config_to_hf(moved).items()
+                                              if k not in ("architectures", "model_type", "torch_dtype")})
+    assert (hf.vision_config.image_token_id, hf.audio_config.audio_token_id) == (7, 501)
+    with pytest.raises(TypeError, match="image_token_id"):  # not a field: one place only
+        Phi4MMConfig(text=CONFIG.text, vision=CONFIG.vision, audio=CONFIG.audio, image_token_id=500)
+    with pytest.raises(ValueError, match="vision.image_token_id and audio.audio_token_id are both 501"):
+        CONFIG.replace(vision=dataclasses.replace(CONFIG.vision, image_token_id=501))
+    vocab = CONFIG.text.vocab_size
+    with pytest.raises(ValueError, match=rf"audio.audio_token_id={vocab}; expected a token id in \[0, "
+                                         rf"text.vocab_size={vocab}\)"):
+        CONFIG.replace(audio=dataclasses.replace(CONFIG.audio, audio_token_id=vocab))

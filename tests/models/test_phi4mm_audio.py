@@ -15,7 +15,8 @@ import transformers
 from flax import nnx
 from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalAudioEmbedding
 
-from jaxmoe.models.phi4mm.audio import CHUNK_FRAMES, AudioConfig, AudioEmbedding, Buffer, audio_param_specs
+from jaxmoe.io.names_phi4mm import audio_param_specs
+from jaxmoe.models.phi4mm.audio import CHUNK_FRAMES, AudioConfig, AudioEmbedding, Buffer
 
 TOL = 1e-5
 TEXT_HIDDEN = 48

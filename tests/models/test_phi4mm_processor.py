@@ -42,7 +42,12 @@ def test_images_match_transformers_fixture(path):
     out = proc.images([t[f"input_{i}"] for i in range(int(meta["n_images"]))])
     assert set(out) == {"image_pixel_values", "image_sizes", "image_attention_mask", "num_img_tokens"}
     np.testing.assert_array_equal(out["image_sizes"], t["image_sizes"])
-    np.testing.assert_array_equal(out["num_img_tokens"], t["num_img_tokens"])
+    # transformers counts the global view as 256 + 16 tokens whatever the crop size, right only at 448: elsewhere
+    # ours is its count with the global view's real m * (m + 1) tokens (m tokens a side), the tiles' part equal.
+    m = (proc.size // proc.patch_size + 1) // 2
+    np.testing.assert_array_equal(out["num_img_tokens"], t["num_img_tokens"] - (256 + 16) + m * (m + 1))
+    if proc.size == 448:
+        np.testing.assert_array_equal(out["num_img_tokens"], t["num_img_tokens"])
     assert out["image_attention_mask"].dtype == np.float32
     np.testing.assert_array_equal(out["image_attention_mask"], t["image_attention_mask"].astype(np.float32))
     pv = out["image_pixel_values"]
@@ -209,3 +214,25 @@ def test_bad_images_raise():
         proc.images([])
     with pytest.raises(ValueError, match="square"):
         Phi4MMProcessor(size={"height": 448, "width": 224})
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(size=50), r"size=50 is not a multiple of patch_size=14.*size=42"),
+    (dict(size={"height": 10, "width": 10}), r"size=10 is not a multiple of patch_size=14.*size=14"),
+    (dict(size=0), r"size=0; expected a positive integer"),
+    (dict(size=56.0), r"size=56.0; expected a positive integer"),
+    (dict(patch_size=-14), r"patch_size=-14; expected a positive integer"),
+    (dict(dynamic_hd=0), r"dynamic_hd=0; expected a positive integer"),
+])
+def test_crop_sizes_that_do_not_tile_into_patches_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Phi4MMProcessor(**kwargs)
+
+
+@pytest.mark.parametrize("size, per_side", [(448, 16), (56, 2), (42, 2), (28, 1), (14, 1)])
+def test_one_tile_image_counts_its_tile_and_global_view(size, per_side):
+    """A size x size image is one full tile: m * m tile tokens and the global view's m * m, one separator after
+    each of their m rows, and the global separator (m = ceil(size / 14 / 2) tokens a side)."""
+    img = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = Phi4MMProcessor(size=size).images([img])
+    assert out["num_img_tokens"].tolist() == [2 * per_side * (per_side + 1) + 1]

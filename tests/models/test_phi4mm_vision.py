@@ -9,8 +9,9 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxmoe.models.phi4mm.vision import (VISION_IGNORED, ImageEmbedding, VisionConfig, num_image_tokens,
-                                         vision_param_specs)
+from jaxmoe.io.names_phi4mm import VISION_IGNORED, vision_param_specs
+from jaxmoe.models.phi4mm.processor import Phi4MMProcessor
+from jaxmoe.models.phi4mm.vision import ImageEmbedding, VisionConfig, num_image_tokens
 
 TOL = 1e-5
 TEXT_HIDDEN = 48
@@ -75,10 +76,11 @@ def ours(name: str) -> ImageEmbedding:
     return load(VisionConfig.from_hf(hf_config(name).vision_config.to_dict()), hf_embedding(name).state_dict())
 
 
-def hf_rows(name: str, pixels, sizes, mask) -> np.ndarray:
-    """The rows HF writes at the image-token positions of a prompt with text tokens around them."""
-    config = ours(name).config
-    count = sum(num_image_tokens(sizes, mask, config))
+def hf_rows(name: str, pixels, sizes, mask, count: int | None = None) -> np.ndarray:
+    """The rows HF writes at `count` image-token positions (default: our count) of a prompt with text tokens
+    around them."""
+    if count is None:
+        count = sum(num_image_tokens(sizes, mask, ours(name).config))
     ids = torch.tensor([[5, 6] + [IMAGE_TOKEN] * count + [7]])
     embeds = torch.zeros(1, ids.shape[1], TEXT_HIDDEN)
     with torch.no_grad():
@@ -188,3 +190,27 @@ def test_traced_sizes_are_refused(rng):
     pixels, sizes, mask = processor_like(rng, "even", [(1, 1, 0, 0)])
     with pytest.raises(ValueError, match="image_sizes is a traced value"):
         jax.jit(lambda s: ours("even")(pixels, s, mask))(sizes)
+
+
+@pytest.mark.parametrize("name", ["even", "odd"])
+def test_processor_token_counts_fit_the_features_at_other_crop_sizes(rng, name):
+    """At 56- and 42-pixel crops (4 x 4 and 3 x 3 patches), the processor's num_img_tokens is, per image, the
+    number of rows transformers' image embedding makes for it (it refuses a prompt with another count), and a
+    batch's rows from ours equal transformers'."""
+    config = ours(name).config
+    processor = Phi4MMProcessor(size={"height": config.image_size, "width": config.image_size},
+                                patch_size=config.patch_size, dynamic_hd=6)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((30, 100, 3), (90, 33, 3), (56, 56, 3))]
+    out = processor.images(images)
+    counts = out["num_img_tokens"].tolist()
+    for i, image in enumerate(images):
+        alone = processor.images([image])
+        assert alone["num_img_tokens"].tolist() == [counts[i]]
+        rows = hf_rows(name, alone["image_pixel_values"], alone["image_sizes"], alone["image_attention_mask"],
+                       count=counts[i])
+        assert rows.shape == (counts[i], TEXT_HIDDEN)
+    pixels, sizes, mask = out["image_pixel_values"], out["image_sizes"], out["image_attention_mask"]
+    expected = hf_rows(name, pixels, sizes, mask, count=sum(counts))
+    got = np.asarray(nnx.jit(lambda module, px: module(px, sizes, mask))(ours(name), pixels))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= TOL

@@ -20,9 +20,9 @@ TOL = 1e-6
 CONFIGS = Path(__file__).parents[2] / "experiments" / "configs"
 
 
-def _model(name: str, remat: str):
+def _model(name: str, remat: str, **overrides):
     cls = PhimoeForCausalLM if jaxmoe.get_preset(name).moe is not None else Phi3ForCausalLM
-    model = cls(jaxmoe.get_preset(name).replace(remat=remat), rngs=nnx.Rngs(0))
+    model = cls(jaxmoe.get_preset(name).replace(remat=remat, **overrides), rngs=nnx.Rngs(0))
     model.train()  # the MoE routers sample (SparseMixer) and jitter: remat must replay the same draws
     return model
 
@@ -33,6 +33,8 @@ def _flat(tree) -> dict:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_remat_leaves_logits_and_every_gradient_unchanged(name, rng):
+    """Two layers: the second must draw its routing noise from the RNG state the first one's recomputation
+    passes on, as without remat."""
     ids = jnp.asarray(rng.integers(3, 512, size=(2, 24)), jnp.int32)
     attention_mask = jnp.asarray(np.arange(24)[None] >= np.array([[0], [5]]), jnp.int32)
 
@@ -77,11 +79,12 @@ def test_remat_keeps_no_attention_probabilities_for_the_backward(rng):
 
 
 def test_a_train_step_with_remat_takes_the_same_step(rng):
+    """One layer (the RNG hand-over between layers is checked above)."""
     ids = jnp.asarray(rng.integers(3, 512, size=(2, 16)), jnp.int32)
     batch = Batch(input_ids=ids, loss_mask=jnp.ones_like(ids))
     results = {}
     for remat in ("none", "layer"):
-        model = _model("tiny-moe", remat)
+        model = _model("tiny-moe", remat, num_layers=1)
         # Plain SGD, so the parameter change is the gradient itself (Adam would amplify rounding in tiny entries).
         optimizer = nnx.Optimizer(model, optax.inject_hyperparams(optax.sgd)(learning_rate=1.0), wrt=nnx.Param)
         metrics = train_step(model, optimizer, batch, nnx.Rngs(3))
@@ -97,13 +100,13 @@ def test_a_train_step_with_remat_takes_the_same_step(rng):
 
 def test_generation_with_remat_decodes_the_same_tokens(rng):
     """The decode loop runs the layers inside a while loop over parameters traced outside it; remat must work
-    there too (it changes nothing without a backward)."""
+    there too (it changes nothing without a backward). One layer shows it."""
     from jaxmoe.infer.generate import generate
 
     ids = jnp.asarray(rng.integers(3, 512, size=(2, 9)), jnp.int32)
     tokens = []
     for remat in ("none", "layer"):
-        model = _model("tiny-moe", remat)
+        model = _model("tiny-moe", remat, num_layers=1)
         model.eval()
         tokens.append(np.asarray(generate(model, ids, max_new_tokens=6)))
     np.testing.assert_array_equal(tokens[1], tokens[0])

@@ -5,16 +5,21 @@ NumPy re-derivations, and the expectations GRIN claims for SparseMixer-v2 / v2* 
 computed exactly by enumerating both rounds' selections.
 """
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import Mesh, PartitionSpec as P
 from transformers.models.phimoe import modeling_phimoe as hf_phimoe
 
-from jaxmoe.moe.router import expert_load, load_balancing_loss, router_z_loss, sparsemixer, topk_router
+from jaxmoe.moe.router import (expert_load, load_balancing_loss, router_z_loss, sparsemixer, sparsemixer_noise,
+                               topk_router)
 
 EPS = 0.01  # router_jitter_noise of Phi-3.5-MoE and GRIN
 
@@ -98,6 +103,27 @@ def test_train_matches_transformers_given_its_own_draws(rng, monkeypatch, seed):
     g = jax.grad(lambda s: jnp.sum(sparsemixer(s, jitter_eps=EPS, training=True, noise=noise)[0] * r))
     g_ref = hf_grad(r)
     np.testing.assert_allclose(np.asarray(g(jnp.asarray(scores))), g_ref, rtol=1e-5, atol=1e-5 * np.abs(g_ref).max())
+
+
+def _saved_residuals(f, *args) -> list[tuple[str, str]]:
+    """(type, source) of every array jax.vjp(f, *args) keeps for the backward, e.g. ("f32[12,6]", "output of div
+    from ..."), as print_saved_residuals prints them."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(f, *args)
+    return [tuple(line.split(" ", 1)) for line in printed.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("variant", ["v2", "v2*"])
+def test_training_backward_keeps_p_expert_and_gates_per_round_not_the_noise(variant):
+    tokens, experts = 12, 6
+    scores = jnp.asarray(np.random.default_rng(0).normal(size=(tokens, experts)), jnp.float32)
+    noise = sparsemixer_noise(nnx.Rngs(router=0), tokens, experts)
+    route = lambda s, n: sparsemixer(s, jitter_eps=EPS, training=True, noise=n, variant=variant)[0]  # noqa: E731
+    saved = _saved_residuals(route, scores, noise)
+    assert not [source for _, source in saved if "argument" in source]  # no noise array (nor the scores)
+    # Each round: the masked softmax [T, E], p [T, 1] and the int expert [T, 1]; no one-hot, no coin.
+    assert sorted(kind for kind, _ in saved) == ["f32[12,1]"] * 2 + ["f32[12,6]"] * 2 + ["i32[12,1]"] * 2
 
 
 def _masked_softmax(z, candidates, eps):

@@ -15,8 +15,8 @@ from flax import nnx
 import jaxmoe
 from conftest import hf_model
 from jaxmoe.io.peft import load_peft_adapter, save_peft_adapter
-from jaxmoe.nn.lora import LoRAConfig
-from jaxmoe.nn.multi_lora import MultiLoRALinear, add_adapter, adapter_names, select_adapters
+from jaxmoe.nn.lora import LoRAConfig, apply_lora
+from jaxmoe.nn.multi_lora import MultiLoRALinear, add_adapter, adapter_names, select_adapters, wrap_linear
 
 peft = pytest.importorskip("peft")
 
@@ -167,3 +167,36 @@ def test_missing_tensors_are_refused(peft_setup, tmp_path):
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=f"tensor '{dropped}' is missing"):
         load_peft_adapter(jaxmoe.load_hf(base), folder, "vision")
+
+
+@pytest.mark.parametrize("how", ["add_adapter", "load_peft_adapter"])
+def test_both_ways_of_adding_refuse_unusable_and_taken_names_and_single_lora_models(peft_setup, how):
+    base, folders, _ = peft_setup
+
+    def adding(model, name):
+        if how == "add_adapter":
+            return add_adapter(model, name, LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+        return load_peft_adapter(model, folders["vision"], name)
+
+    model = jaxmoe.load_hf(base)
+    with pytest.raises(ValueError, match=f"{how}: adapter name 'a b' is not usable"):
+        adding(model, "a b")
+    assert adding(model, "first") == 8
+    with pytest.raises(ValueError, match=f"{how}: the model already has an adapter named 'first'"):
+        adding(model, "first")
+    single = jaxmoe.load_hf(base)
+    apply_lora(single, LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"{how}: this model has single LoRA adapters"):
+        adding(single, "first")
+    assert adapter_names(model) == ("first",) and adapter_names(single) == ()
+
+
+def test_wrap_linear_wraps_once_and_refuses_other_layers(peft_setup):
+    model = jaxmoe.load_hf(peft_setup[0])
+    attention = model.layers[0].self_attn
+    base = attention.o_proj
+    layer = wrap_linear(attention, "o_proj")
+    assert attention.o_proj is layer and layer.base is base and wrap_linear(attention, "o_proj") is layer
+    norm = type(model.layers[0].input_layernorm).__name__
+    with pytest.raises(TypeError, match=f"layer 'input_layernorm' is a {norm}; adapters wrap nnx.Linear layers"):
+        wrap_linear(model.layers[0], "input_layernorm")

@@ -1,5 +1,6 @@
 """pk.gmm / pk.tgmm on the "xla" and "cpu" backends against a NumPy per-group loop, and their gradients against
-jax.grad of a dense one-hot formulation."""
+jax.grad of a dense one-hot formulation; the row tiles (grouped/tiles.py) that the "cpu" backend and jaxmoe's
+blocked expert FFN share."""
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,18 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import registry
-from pallas_kernels.grouped import cpu, reference
+from pallas_kernels.grouped import cpu, reference, tiles
 
 BACKENDS = ("xla", "cpu")
 # (group sizes, rows m): empty groups, sizes that are not tile multiples, a group past the largest cpu tile (64
 # rows for m <= 96), rows past the total, all rows used, every group empty.
 LAYOUTS = [([13, 0, 41, 1, 22], 96), ([70, 0, 9, 3], 96), ([5, 17, 0, 40], 62), ([0, 0, 0], 40), ([96], 96)]
 TOL = {np.float32: 1e-5, ml_dtypes.bfloat16: 1e-2}
+
+
+def slow(*values):
+    """A grid point for the slow tier (`pytest -m slow`): the default run keeps a representative of its property."""
+    return pytest.param(*values, marks=pytest.mark.slow)
 
 
 def np_gmm(x, w, sizes, offset=0, transpose=False):
@@ -90,7 +96,7 @@ def test_group_offset_computes_only_the_local_groups(backend, offset, rng):
 
 @pytest.mark.parametrize("module", [reference, cpu])
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("offset", [slow(0), 1])  # offset 0: also each gradient test's dlhs, on both backends
 def test_transpose_rhs_multiplies_by_each_groups_transpose(module, dtype, offset, rng):
     sizes, m = [5, 17, 0, 40], 70
     x, w = randn(rng, (m, 24), dtype), randn(rng, (3, 40, 24), dtype)  # rhs [g, k=40, n=24]; x is [m, n]
@@ -124,9 +130,12 @@ def test_tgmm_bf16_inputs_accumulate_in_f32(backend, rng):
     assert_close(out, np_tgmm(x, d, np.array(sizes), 0, 5), 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes,m,offset", [([13, 0, 41, 1, 22], 96, 0), ([13, 0, 41, 1, 22], 96, 2),
-                                            ([70, 0, 9, 3], 90, 0)])
+# Both backends with an empty local group, a group past the largest cpu tile and rows past the groups; the cpu
+# backend (row tiles of its own) also with a group offset.
+@pytest.mark.parametrize("backend,sizes,m,offset", [
+    ("cpu", [70, 0, 9, 3], 90, 0), ("cpu", [13, 0, 41, 1, 22], 96, 2), ("xla", [70, 0, 9, 3], 90, 0),
+    slow("cpu", [13, 0, 41, 1, 22], 96, 0), slow("xla", [13, 0, 41, 1, 22], 96, 0),
+    slow("xla", [13, 0, 41, 1, 22], 96, 2)])
 def test_gradients_match_dense_one_hot_formulation(backend, sizes, m, offset, rng):
     g = len(sizes) if offset == 0 else 3
     x, w, cot = randn(rng, (m, 16)), randn(rng, (g, 16, 24)), randn(rng, (m, 24))
@@ -143,7 +152,7 @@ def test_gradients_match_dense_one_hot_formulation(backend, sizes, m, offset, rn
         assert_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu", slow("xla")])  # the dtype rule is ops.py's, shared by both backends
 def test_gradients_in_bf16_keep_the_weight_dtype(backend, rng):
     sizes, m = [13, 0, 41, 1, 22], 96
     x, w = randn(rng, (m, 16), ml_dtypes.bfloat16), randn(rng, (5, 16, 8), ml_dtypes.bfloat16)
@@ -158,9 +167,10 @@ def test_gradients_in_bf16_keep_the_weight_dtype(backend, rng):
 
 
 # Every bits with every group size (32, 64, per-channel of k = 128), each bits and each group size both
-# symmetric and asymmetric.
-QUANT_CASES = [(8, 32, True), (8, 64, False), (8, None, True), (4, 32, False), (4, 64, True), (4, None, False),
-               (3, 32, True), (3, 64, False), (3, None, True), (2, 32, False), (2, 64, True), (2, None, False)]
+# symmetric and asymmetric. The default run keeps each bits once, each group size and both symmetries.
+QUANT_CASES = [(8, 32, True), slow(8, 64, False), slow(8, None, True), slow(4, 32, False), slow(4, 64, True),
+               (4, None, False), slow(3, 32, True), (3, 64, False), slow(3, None, True), slow(2, 32, False),
+               (2, 64, True), slow(2, None, False)]
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", QUANT_CASES)
@@ -186,7 +196,9 @@ def test_quantized_rhs_with_offset_and_transpose(module, rng):
     assert_close(out_t, np_gmm(d, w, np.array(sizes), 2, transpose=True), 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# xla's part of this gradient (reference.gmm with a quantized rhs, transpose_rhs=True) is held to NumPy by
+# test_quantized_rhs_with_offset_and_transpose; the zero cotangent is ops.py's, shared by both backends.
+@pytest.mark.parametrize("backend", ["cpu", slow("xla")])
 def test_quantized_rhs_is_differentiable_in_lhs(backend, rng):
     sizes, m = [13, 0, 41, 1, 22], 96
     x, cot = randn(rng, (m, 64)), randn(rng, (m, 16))
@@ -208,6 +220,76 @@ def test_gmm_under_jit_with_traced_sizes_and_offset_equals_eager(backend, rng):
     jitted = jax.jit(lambda x, w, s, o: pk.gmm(x, w, s, backend=backend, group_offset=o))
     out = jitted(x, w, jnp.asarray(sizes, jnp.int32), jnp.int32(1))
     assert_close(out, np_gmm(np.asarray(x), np.asarray(w), np.array(sizes), 1), 1e-5)
+
+
+FOLD_LAYOUTS = [([13, 0, 41, 1, 22], 96, 0, 5), ([70, 0, 9, 3], 96, 1, 3), ([600, 3, 0, 300, 129], 1100, 0, 5),
+                ([5, 17, 0, 40], 62, 2, 2), ([3, 2], 5, 0, 2), ([0, 0, 0], 40, 0, 3)]
+# Every layout on the cpu backend's ladder (whose 256 is above m but for the 1100-row layout). By default the
+# other two ladders once each: (512, ..., 64) where its top tile is used (a group of 600 rows), (16,) where a group
+# needs several tiles of the one height; every layout with them in the slow tier.
+FOLD_CASES = [(cpu.TILE_ROWS, *layout) for layout in FOLD_LAYOUTS] + [
+    (heights, *layout) if layout == default else slow(heights, *layout)
+    for heights, default in [((512, 256, 128, 64), FOLD_LAYOUTS[2]), ((16,), FOLD_LAYOUTS[0])]
+    for layout in FOLD_LAYOUTS]
+
+
+@pytest.mark.parametrize("heights,sizes,m,offset,num_groups", FOLD_CASES)
+def test_fold_group_tiles_visits_each_row_of_the_local_groups_once_with_its_group(heights, sizes, m, offset,
+                                                                                   num_groups):
+    """Every row of a local group is covered exactly once, by a tile of its own group whose per_group context is
+    that group's; rows of other groups and past the groups are never claimed; an empty group's per_group never
+    runs."""
+    ends = np.cumsum(sizes)
+    expected_group = np.full(m, -1)  # local group of each row, -1 for rows no local group owns
+    for i in range(num_groups):
+        expected_group[ends[offset + i] - sizes[offset + i]:ends[offset + i]] = i
+
+    def tile(carry, ctx, i, start, rows, valid):
+        visits_m, group_m, heights_seen = carry
+        mine = jnp.ones(rows, bool) if valid is None else valid
+        row = start + jnp.arange(rows)
+        visits_m = visits_m.at[row].add(mine.astype(jnp.int32))
+        group_m = group_m.at[row].max(jnp.where(mine, ctx, -1))
+        return visits_m, group_m, heights_seen.at[rows].add(1)
+
+    per_group_calls = []
+
+    def per_group(i):
+        jax.debug.callback(lambda i: per_group_calls.append(int(i)), i)
+        return i
+
+    start = (jnp.zeros(m, jnp.int32), jnp.full(m, -1, jnp.int32), jnp.zeros(m + 1, jnp.int32))
+    visits, groups, heights_seen = jax.jit(lambda s: tiles.fold_group_tiles(
+        tile, start, s, num_rows=m, heights=heights, per_group=per_group, group_offset=offset,
+        num_groups=num_groups))(jnp.asarray(sizes, jnp.int32))
+    np.testing.assert_array_equal(visits, expected_group >= 0)
+    np.testing.assert_array_equal(groups, expected_group)
+    jax.effects_barrier()
+    local_sizes = sizes[offset:offset + num_groups]
+    assert sorted(per_group_calls) == [i for i, size in enumerate(local_sizes) if size > 0]
+    used = {r for r in range(m + 1) if heights_seen[r]}
+    assert used <= set(heights) | {m}  # heights above m give way to one tile of m rows
+    if max(local_sizes) >= heights[0] and m >= heights[0]:
+        assert heights[0] in used
+
+
+@pytest.mark.parametrize("heights", [(), (64, 16), (128, 64, 64), (8, 16), (0,), (16.0, 8.0)])
+def test_fold_group_tiles_refuses_heights_that_are_not_a_halving_ladder(heights):
+    with pytest.raises(ValueError, match=r"heights=.*each half the one before"):
+        tiles.fold_group_tiles(lambda c, *_: c, 0, jnp.array([4, 4]), num_rows=8, heights=heights)
+    with pytest.raises(ValueError, match=r"heights=.*each half the one before"):
+        tiles.fold_row_tiles(lambda c, *_: c, 0, jnp.int32(0), jnp.int32(4), num_rows=8, heights=heights)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_group_weight_is_one_group_of_the_whole_weight(bits, rng):
+    w = jnp.asarray(randn(rng, (3, 64, 16)))
+    rhs = w if bits is None else pk.quantize_weight(w, bits=bits, group_size=32, symmetric=False)
+    whole = np.asarray(w if bits is None else rhs.dequantize(jnp.float32), np.float32)
+    for i in range(3):
+        one = jax.jit(tiles.group_weight, static_argnums=2)(rhs, jnp.int32(i), jnp.bfloat16)
+        assert one.dtype == jnp.bfloat16 and one.shape == (64, 16)
+        np.testing.assert_array_equal(np.asarray(one, np.float32), whole[i].astype(ml_dtypes.bfloat16))
 
 
 def test_auto_on_cpu_resolves_to_the_cpu_backend_then_xla():

@@ -24,6 +24,11 @@ SIZES = np.array([9, 0, 33, 1, 17, 6], np.int32)
 M = 80
 
 
+def slow(*values):
+    """A grid point for the slow tier (`pytest -m slow`): the default run keeps a representative of its property."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 # Most of this file's time is XLA:CPU compiling the interpreted kernels; unoptimised code runs these tiny shapes
 # in milliseconds and compiles about a third faster.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -116,10 +121,12 @@ def test_tgmm_matches_numpy_loop_and_xla_reference(dtype, group_offset, num_grou
     assert empty and all(np.all(np.asarray(got[i]) == 0) for i in empty)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
-@pytest.mark.parametrize("group_size", [32, 64, None])
+# k = 128: one packing block, planes of 128/64/16/32 rows; n = 48 leaves a ragged n tile. By default each bits
+# once and each group size at least once (and the asymmetric test below: 4 bits, group 64).
+@pytest.mark.parametrize("bits,group_size", [
+    slow(8, 32), slow(8, 64), (8, None), (4, 32), slow(4, 64), slow(4, None), slow(3, 32), (3, 64), slow(3, None),
+    slow(2, 32), slow(2, 64), (2, None)])
 def test_quantized_gmm_equals_lhs_times_dequantized_weight(bits, group_size):
-    # k = 128: one packing block, planes of 128/64/16/32 rows; n = 48 leaves a ragged n tile.
     rng = np.random.default_rng(bits * 100 + (group_size or 0))
     lhs, w = randn(rng, (M, 128)), randn(rng, (3, 128, 48))
     q = _quantize(w, bits=bits, group_size=group_size)

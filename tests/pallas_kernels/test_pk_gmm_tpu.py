@@ -19,6 +19,11 @@ SMALL = tpu.Tiling(tm=16, tk=128, tn=128)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
+def slow(*values):
+    """A grid point for the slow tier (`pytest -m slow`): the default run keeps a representative of its property."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 def _gmm(lhs, rhs, group_sizes, group_offset=0, transpose_rhs=False, tiling=SMALL):
     return tpu.gmm(lhs, rhs, jnp.asarray(group_sizes, jnp.int32), group_offset=jnp.int32(group_offset),
                    transpose_rhs=transpose_rhs, out_dtype=lhs.dtype, interpret=True, tiling=tiling)
@@ -66,7 +71,7 @@ def test_gmm_group_offset_computes_only_the_local_groups():
     assert not np.asarray(out[:9]).any() and not np.asarray(out[54:]).any()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, slow(jnp.bfloat16)])  # bf16 kernels: the gmm and tgmm tests
 def test_gmm_transpose_rhs_multiplies_by_each_groups_transpose(dtype):
     rng = np.random.default_rng(2)
     sizes = np.array([9, 20, 0, 25, 10], np.int32)
@@ -92,20 +97,22 @@ def test_tgmm_matches_numpy_including_empty_groups(dtype):
     assert not np.asarray(got[1]).any() and not np.asarray(got[3]).any()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
-def test_quantized_gmm_equals_lhs_times_dequantized_weight(bits):
-    # k = 384: block_k = 128 and three k tiles, so a per-channel scale spans all three tiles, while group
-    # sizes 32 and 64 put 4 or 2 scale groups in each tile.
+# k = 384: block_k = 128 and three k tiles, so a per-channel scale spans all three tiles, while group sizes 32 and
+# 64 put 4 or 2 scale groups in each tile. By default each bits once and each group size at least once (and the
+# asymmetric test below: 4 bits, group 32).
+@pytest.mark.parametrize("bits,group_size", [
+    (8, None), slow(8, 32), slow(8, 64), (4, 64), slow(4, 32), slow(4, None), (3, 32), slow(3, 64), slow(3, None),
+    (2, None), slow(2, 32), slow(2, 64)])
+def test_quantized_gmm_equals_lhs_times_dequantized_weight(bits, group_size):
     rng = np.random.default_rng(10 + bits)
     sizes = jnp.array([7, 0, 30, 19], jnp.int32)
     lhs, w = randn(rng, (64, 384), jnp.float32), randn(rng, (4, 384, 128), jnp.float32)
-    for group_size in (32, 64, None):
-        q = quantize_weight(w, bits=bits, group_size=group_size)
-        out = _gmm(lhs, q, sizes, tiling=tpu.Tiling(tm=32, tk=128, tn=128))
-        assert rel_err(out, np_gmm(lhs, q.dequantize(jnp.float32), np.asarray(sizes), 0)) <= 1e-5, group_size
+    q = quantize_weight(w, bits=bits, group_size=group_size)
+    out = _gmm(lhs, q, sizes, tiling=tpu.Tiling(tm=32, tk=128, tn=128))
+    assert rel_err(out, np_gmm(lhs, q.dequantize(jnp.float32), np.asarray(sizes), 0)) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype,bits,group_size", [(jnp.float32, 3, 64), (jnp.bfloat16, 4, 32)])
+@pytest.mark.parametrize("dtype,bits,group_size", [slow(jnp.float32, 3, 64), (jnp.bfloat16, 4, 32)])
 def test_asymmetric_quantized_gmm_with_group_offset_matches_reference(dtype, bits, group_size):
     rng = np.random.default_rng(20 + bits)
     sizes = jnp.array([9, 20, 0, 25, 10], jnp.int32)

@@ -1,4 +1,5 @@
-"""pallas_kernels.quant against a NumPy quantizer and packer written here from the README's format."""
+"""pallas_kernels.quant against a NumPy quantizer and packer written here from the README's format, and the
+per-matrix group sizes of MixedQuantizedWeight against quantizing each matrix alone."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels.quant import (QuantizedWeight, block_k_for, pack_codes, plane_rows, quantize_weight,
-                                  unpack_block, unpack_codes)
+import pallas_kernels as pk
+from pallas_kernels.quant import (MixedQuantizedWeight, QuantizedWeight, block_k_for, pack_codes, plane_rows,
+                                  quantize_weight, unpack_block, unpack_codes)
 
 BITS = (8, 4, 3, 2)
 
@@ -26,9 +28,9 @@ def np_quantize(w, bits, group_size, symmetric, scale_dtype=ml_dtypes.bfloat16):
         codes = np.clip(np.round(wg / s), -qmax, qmax) + np.float32(2 ** (bits - 1))
         zero = np.full(scale.shape, 2 ** (bits - 1), np.float32)
     else:
-        lo, hi = wg.min(axis=2), wg.max(axis=2)
+        lo, hi = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)  # the range contains 0
         scale = ((hi - lo) / top).astype(scale_dtype)
-        scale = np.where((hi == lo) | (scale == 0), np.ones_like(scale), scale)
+        scale = np.where(scale == 0, np.ones_like(scale), scale)
         s = scale.astype(np.float32)
         zero = np.clip(np.round(-lo / s), 0, top)
         codes = np.clip(np.round(wg / s[:, :, None, :]) + zero[:, :, None, :], 0, top)
@@ -105,9 +107,10 @@ def test_unpack_block_gives_contiguous_row_planes_in_int32(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", [32, None])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_dequantize_equals_numpy_exactly_and_error_is_within_half_a_step(bits, group_size, symmetric):
-    w = weight((3, 64, 16), seed=10 + bits)
+@pytest.mark.parametrize("symmetric,offset", [(True, 0.0), (False, 0.0), (False, 3.0), (False, -3.0)])
+def test_dequantize_equals_numpy_exactly_and_error_is_within_half_a_step(bits, group_size, symmetric, offset):
+    # offset +-3: every group is all positive or all negative, so its asymmetric range is [0, max] or [min, 0].
+    w = weight((3, 64, 16), seed=10 + bits) + np.float32(offset)
     q = quantize_weight(jnp.asarray(w), bits=bits, group_size=group_size, symmetric=symmetric)
     codes, scale, zero = np_quantize(w, bits, group_size, symmetric)
     gs = group_size or 64
@@ -134,18 +137,50 @@ def test_dequantize_defaults_to_the_weight_dtype_and_rounds_once():
                                   .astype(ml_dtypes.bfloat16))
 
 
-def test_all_zero_group_gets_scale_one_and_dequantizes_to_zero():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_group_gets_scale_one_and_dequantizes_to_exactly_zero(symmetric):
     w = weight((1, 32, 4), seed=4)
     w[0, :16, 1] = 0.0
-    w[0, 16:, 2] = 3.0  # constant: max == min, so the asymmetric scale is 1 and the integer 3 is code 3
-    for symmetric in (True, False):
-        q = quantize_weight(jnp.asarray(w), bits=4, group_size=16, symmetric=symmetric)
-        assert float(q.scale[0, 0, 1]) == 1.0
-        np.testing.assert_array_equal(np.asarray(q.dequantize())[0, :16, 1], 0.0)
-    q = quantize_weight(jnp.asarray(w), bits=4, group_size=16, symmetric=False)
-    assert float(q.scale[0, 1, 2]) == 1.0
-    assert float(q.zero[0, 1, 2]) == 0.0
-    np.testing.assert_array_equal(np.asarray(q.dequantize())[0, 16:, 2], 3.0)
+    q = quantize_weight(jnp.asarray(w), bits=4, group_size=16, symmetric=symmetric)
+    assert float(q.scale[0, 0, 1]) == 1.0
+    if not symmetric:
+        assert float(q.zero[0, 0, 1]) == 0.0
+    np.testing.assert_array_equal(np.asarray(q.dequantize())[0, :16, 1], 0.0)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("c", [0.7, -0.7, 0.5, -0.5, 123.4, -1e-3])
+def test_asymmetric_constant_group_comes_back_within_the_rounding_of_its_scale(bits, c):
+    """The README's statement: a constant group c spans [0, c] (or [c, 0]); with s = |c| / top rounded to
+    bfloat16 it dequantizes to sign(c) * m * s, m = min(round(|c| / s), top); m = top for bits <= 4; and
+    |result - c| < 2^-8 |c|."""
+    w = weight((1, 32, 3), seed=5)
+    w[0, 16:, 2] = c
+    q = quantize_weight(jnp.asarray(w), bits=bits, group_size=16, symmetric=False)
+    top, c32 = 2 ** bits - 1, np.float32(c)
+    s = np.float32(ml_dtypes.bfloat16(np.abs(c32) / np.float32(top)))
+    m = min(np.round(np.abs(c32) / s), top)
+    assert np.float32(q.scale[0, 1, 2]) == s
+    assert float(q.zero[0, 1, 2]) == (0.0 if c > 0 else m)
+    got = np.asarray(q.dequantize(jnp.float32))[0, 16:, 2]
+    np.testing.assert_array_equal(got, np.sign(c32) * np.float32(m) * s)
+    if bits <= 4:
+        assert m == top
+    elif abs(c) == 0.5:
+        assert m == top - 1  # 0.5 / 255 rounds up to a bfloat16 scale 0.2% too large: 0.5 / s = 254.4
+    assert (np.abs(got - c32) < 2.0 ** -8 * abs(c)).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_asymmetric_constant_groups_with_float32_scales_come_back_within_one_ulp(bits):
+    """With unrounded (float32) scales, the only error left is fp32's in (|c| / top) · top: at most one ulp of c,
+    for constants over six orders of magnitude and both signs."""
+    rng = np.random.default_rng(11)
+    cs = (rng.standard_normal(64) * rng.choice([1e-3, 1.0, 100.0], 64)).astype(np.float32)
+    w = np.repeat(cs.reshape(1, 1, 64), 16, axis=1)  # column j is the constant cs[j]
+    q = quantize_weight(jnp.asarray(w), bits=bits, group_size=16, symmetric=False, scale_dtype=jnp.float32)
+    got = np.asarray(q.dequantize(jnp.float32))[0]
+    assert (np.abs(got - cs) <= np.spacing(np.abs(cs))).all(), np.abs(got - cs).max()
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (4, 64, False), (3, 32, True),
@@ -209,6 +244,48 @@ def test_bad_inputs_raise_clear_errors():
         quantize_weight(jnp.zeros((1, 16, 8), jnp.int32), bits=4, group_size=None)
     with pytest.raises(ValueError, match=r"scale_dtype"):
         quantize_weight(w, bits=4, group_size=32, scale_dtype=jnp.int8)
+    with pytest.raises(ValueError, match=r"group_size=\(32, 64, 128\) has 3 entries but rhs .* has 2 matrices"):
+        quantize_weight(w, bits=4, group_size=(32, 64, 128))
+    with pytest.raises(ValueError, match=r"group_size=48 does not divide k=128"):
+        quantize_weight(w, bits=4, group_size=(32, 48))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_group_size_per_matrix_stores_what_quantizing_each_matrix_alone_gives(bits, symmetric):
+    w = weight((3, 64, 16), seed=20 + bits)
+    sizes = (64, 16, 32)
+    q = quantize_weight(jnp.asarray(w), bits=bits, group_size=sizes, symmetric=symmetric)
+    assert isinstance(q, MixedQuantizedWeight) and q.group_size == sizes and q.shape == w.shape
+    alone = [np_quantize(w[i:i + 1], bits, size, symmetric) for i, size in enumerate(sizes)]
+    codes = np.concatenate([c for c, _, _ in alone])
+    np.testing.assert_array_equal(np.asarray(q.codes), np_pack(codes, bits, q.block_k))
+    np.testing.assert_array_equal(np.asarray(q.scale), np.concatenate([s[0] for _, s, _ in alone]))
+    if symmetric:
+        assert q.zero is None
+    else:
+        np.testing.assert_array_equal(np.asarray(q.zero).astype(np.float32),
+                                      np.concatenate([z[0] for _, _, z in alone]))
+    expected = np.concatenate([np_dequantize(c, s, z, size) for (c, s, z), size in zip(alone, sizes)])
+    np.testing.assert_array_equal(np.asarray(q.dequantize(jnp.float32)), expected)
+    # Each scale is stored once: 1 + 4 + 2 rows of 16 bf16 scales (and as many zero points when asymmetric).
+    assert q.nbytes == 3 * 64 * bits // 8 * 16 + (1 + 4 + 2) * 16 * 2 * (1 if symmetric else 2)
+    uniform = q.uniform()
+    assert isinstance(uniform, QuantizedWeight) and uniform.group_size == 16 and uniform.scale.shape == (3, 4, 16)
+    np.testing.assert_array_equal(np.asarray(uniform.dequantize(jnp.float32)), expected)
+
+
+def test_uniform_uses_the_gcd_of_the_group_sizes_and_gmm_takes_it(rng):
+    w = weight((2, 96, 8), seed=7)
+    q = quantize_weight(jnp.asarray(w), bits=8, group_size=(32, 48), symmetric=False)
+    uniform = jax.jit(MixedQuantizedWeight.uniform)(q)
+    assert uniform.group_size == 16 and uniform.scale.shape == (2, 6, 8)
+    dense = np.asarray(q.dequantize(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(uniform.dequantize(jnp.float32)), dense)
+    x = rng.normal(size=(10, 96)).astype(np.float32)
+    out = pk.gmm(jnp.asarray(x), uniform, jnp.array([4, 6], jnp.int32), backend="xla")
+    np.testing.assert_allclose(np.asarray(out), np.concatenate([x[:4] @ dense[0], x[4:] @ dense[1]]), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_quantized_weight_is_frozen():

@@ -3,12 +3,15 @@ jaxmoe.moe.router.sparsemixer (variant "v2", which follows transformers' PhimoeF
 Exp(1) / U(0, 1) draws: weights, experts and router gradients; plus known answers and the boundary checks.
 """
 
+import contextlib
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxmoe.moe.router import sparsemixer
 from pallas_kernels.router import kernel, sparsemixer_top2
@@ -97,6 +100,32 @@ def test_training_matches_jaxmoe_with_same_noise(backend, interpret, tokens, exp
     np.testing.assert_allclose(ours[2], theirs[2], rtol=0, atol=1e-6)
     eval_experts = _jaxmoe_case(tokens, experts, "float32", False)[3][1]
     assert np.any(ours[1] != eval_experts)  # the draws did sample experts other than the argmax
+
+
+def _saved_residuals(f, *args) -> list[tuple[str, str]]:
+    """(type, source) of every array jax.vjp(f, *args) keeps for the backward, e.g. ("f32[16,8]", "output of
+    pallas_call from ..."), as print_saved_residuals prints them."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(f, *args)
+    return [tuple(line.split(" ", 1)) for line in printed.getvalue().splitlines()]
+
+
+# What each backward keeps for 12 tokens and 6 experts: the reference, per round, the masked softmax, p and the
+# int expert; the kernel the padded scores [16, 8] (its backward recomputes the gates), the experts and p.
+SAVED_FOR_BACKWARD = {"xla": ["f32[12,1]"] * 2 + ["f32[12,6]"] * 2 + ["i32[12,1]"] * 2,
+                      "pallas": ["f32[16,2]", "f32[16,8]", "i32[16,2]"]}
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS)
+def test_training_backward_keeps_what_the_rule_needs_and_not_the_noise(backend, interpret):
+    noise = _noise(0, 12, 6)
+    route = lambda s, n: sparsemixer_top2(s, jitter_eps=EPS, training=True, noise=n, backend=backend,  # noqa: E731
+                                          interpret=interpret)[0]
+    saved = _saved_residuals(route, _scores(0, 12, 6), noise)
+    assert not [source for _, source in saved if "argument" in source]  # no noise array (nor the scores)
+    arrays = sorted(kind for kind, _ in saved if not kind.endswith("[]"))  # scalars: jnp.pad's padding values
+    assert arrays == SAVED_FOR_BACKWARD[backend]
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)

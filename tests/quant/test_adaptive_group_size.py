@@ -1,12 +1,16 @@
 """group_size="adaptive" (FineQuant): the candidates, the range-collapse test against a NumPy recomputation, the
-choice logged and recorded per matrix, and a user-supplied test."""
+choice logged and recorded per matrix and per expert, and a user-supplied test."""
 
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from pallas_kernels import MixedQuantizedWeight, QuantizedWeight
 
-from jaxmoe.quant import AdaptiveGroupSize, RangeCollapse, quantization_report, quantize
+from jaxmoe.moe import layer
+from jaxmoe.quant import AdaptiveGroupSize, RangeCollapse, dequantize, quantization_report, quantize
 
 
 def numpy_collapsed_fraction(w, w_hat, rows):
@@ -63,6 +67,45 @@ def test_gaussian_weights_keep_per_channel_and_the_string_adaptive_uses_a_floor_
     sizes = {m.path: m.group_size for m in quantization_report(quantized)}
     assert sizes["layers/0/mlp/down_proj"] == 128 and sizes["layers/0/mlp/gate_up_proj"] == 64
     assert sum("adaptive group size" in r.getMessage() for r in caplog.records) == len(sizes)
+
+
+def test_each_expert_gets_its_own_size_so_an_outlier_makes_only_its_expert_finer(tiny_model, np_dequantize, forward,
+                                                                                  ids, caplog, monkeypatch):
+
+    model = tiny_model("tiny-moe")  # w_gate_up [4, 64, 192], w_down [4, 96, 64]: Gaussian, sigma 0.2
+    w_down = np.asarray(model.layers[0].mlp.w_down.get_value()).copy()
+    w_down[2, 10, 5] = 10.0  # one outlier in expert 2, column 5: the rest of that column rounds to zero
+    model.layers[0].mlp.w_down[...] = w_down
+    adaptive = AdaptiveGroupSize(min_group_size=16)
+    expected = tuple(numpy_choice(w_down[i:i + 1], 4, True, adaptive.candidates(96), np_dequantize) for i in range(4))
+    assert expected == (96, 96, 24, 96)  # the outlier's expert the finest candidate, the others per-channel
+    with caplog.at_level(logging.INFO, logger="jaxmoe.quant"):
+        quantized = quantize(model, bits=4, group_size=adaptive, target="experts")
+    sizes = {m.path: m.group_size for m in quantization_report(quantized)}
+    assert sizes == {"layers/0/mlp/w_gate_up": 64, "layers/0/mlp/w_down": expected}  # one int when all agree
+    logged = [r.getMessage() for r in caplog.records if "adaptive group size" in r.getMessage()]
+    assert any("layers/0/mlp/w_down [4, 96, 64]: adaptive group sizes [96, 96, 24, 96] (per expert)" in line
+               for line in logged)
+    stored = quantized.layers[0].mlp.w_down.get_value()
+    assert isinstance(stored, MixedQuantizedWeight)
+    # Each expert is what the NumPy quantizer makes of it alone at its size, and its scales are stored once.
+    dequantized = np.asarray(stored.dequantize(jnp.float32))
+    for i, size in enumerate(expected):
+        np.testing.assert_array_equal(dequantized[i:i + 1], np_dequantize(w_down[i:i + 1], 4, size, True))
+    assert stored.nbytes == 4 * 48 * 64 + (1 + 1 + 4 + 1) * 64 * 2  # 4-bit codes, bf16 scale rows [7, 64]
+    # The MoE block hands moe_ffn the packed uniform form (not a dequantized float stack), and the logits are the
+    # dequantized twin's.
+    passed_to_ffn, original = [], layer.moe_ffn
+
+    def moe_ffn(x, weights, experts, w_gate_up, w_down, **kwargs):
+        passed_to_ffn.extend([type(w_gate_up), type(w_down)])
+        return original(x, weights, experts, w_gate_up, w_down, **kwargs)
+
+    monkeypatch.setattr(layer, "moe_ffn", moe_ffn)
+    actual = np.asarray(nnx.jit(lambda m, x: m(x).logits)(quantized, ids))
+    assert passed_to_ffn == [QuantizedWeight, QuantizedWeight]
+    twin = np.asarray(forward(dequantize(quantized), ids))
+    assert np.abs(actual - twin).max() <= 1e-5 * np.abs(twin).max()
 
 
 @pytest.mark.parametrize("verdict,expected", [(True, 128), (False, 16)])

@@ -7,6 +7,7 @@ from flax import nnx
 
 import jaxmoe
 from jaxmoe.quant import bytes_by_group, param_bytes, quantize
+from jaxmoe.quant.quantize import apply_plan
 
 # tiny-moe with one layer: vocab 512, d 64, experts 4 of f 96, 4 query + 2 kv heads of 16, LayerNorm with bias,
 # biased attention and lm_head. Counted by hand, in float32 values:
@@ -46,6 +47,15 @@ def test_quantized_experts_count_as_packed_codes_plus_scales(bits, symmetric, ex
     assert param_bytes(quantized) == 4 * (EMBED + NORMS + ATTENTION + ROUTER + LM_HEAD) + expert_bytes
     block = quantized.layers[0].mlp
     assert groups["experts"] == block.w_gate_up.get_value().nbytes + block.w_down.get_value().nbytes
+
+
+def test_per_expert_group_sizes_count_each_expert_s_scales_once():
+    quantized = apply_plan(tiny_moe(), {"layers/0/mlp/w_down": {"bits": 4, "group_size": (96, 48, 24, 96),
+                                                                "symmetric": False}})
+    # w_down: codes [4, 48, 64] + bf16 scales and zero points of 1 + 2 + 4 + 1 rows of 64; w_gate_up stays float.
+    expert_bytes = 4 * 4 * 64 * 192 + 4 * 48 * 64 + 2 * 2 * (1 + 2 + 4 + 1) * 64
+    assert bytes_by_group(quantized)["experts"] == expert_bytes
+    assert param_bytes(quantized) == 4 * (EMBED + NORMS + ATTENTION + ROUTER + LM_HEAD) + expert_bytes
 
 
 def test_abstract_models_count_the_same_bytes_without_any_buffer():

@@ -7,12 +7,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from pallas_kernels import MixedQuantizedWeight
 from safetensors import safe_open
 from safetensors.flax import save_file
 
 import jaxmoe
 from jaxmoe.quant import apply_qat, load_quantized, quantization_report, quantize, save_quantized
 from jaxmoe.quant.checkpoint import config_from_dict, config_to_dict
+from jaxmoe.quant.quantize import apply_plan
 
 
 def stored(model):
@@ -39,6 +41,26 @@ def test_round_trip_rebuilds_the_quantized_model_exactly(tmp_path, tiny_model, f
         assert after[name].dtype == before[name].dtype
     np.testing.assert_array_equal(forward(back, ids), forward(quantized, ids))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("format", ["safetensors", "orbax"])
+def test_per_expert_group_sizes_round_trip_as_a_list_in_the_plan(tmp_path, tiny_model, forward, ids, format):
+    plan = {"layers/0/mlp/w_gate_up": {"bits": 3, "group_size": 32, "symmetric": True},
+            "layers/0/mlp/w_down": {"bits": 4, "group_size": [96, 48, 24, 96], "symmetric": False}}
+    quantized = apply_plan(tiny_model("tiny-moe"), plan)
+    assert {m.path: m.group_size for m in quantization_report(quantized)} == {
+        "layers/0/mlp/w_gate_up": 32, "layers/0/mlp/w_down": (96, 48, 24, 96)}
+    save_quantized(quantized, tmp_path / "q", format=format)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == plan
+    back = load_quantized(tmp_path / "q")
+    assert quantization_report(back) == quantization_report(quantized)
+    assert isinstance(back.layers[0].mlp.w_down.get_value(), MixedQuantizedWeight)
+    before, after = stored(quantized), stored(back)
+    assert before.keys() == after.keys()
+    assert before["layers/0/mlp/w_down/scale"].shape == (1 + 2 + 4 + 1, 64)  # each expert's scale rows, once
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    np.testing.assert_array_equal(forward(back, ids), forward(quantized, ids))
 
 
 def test_safetensors_holds_packed_codes_scales_zeros_and_the_settings(tmp_path, tiny_model):

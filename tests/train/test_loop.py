@@ -1,5 +1,7 @@
 """The training loop: the loss is masked next-token cross-entropy, AdamW learns, evaluate averages per token."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +10,11 @@ import pytest
 from flax import nnx
 
 import jaxmoe
-from jaxmoe.train import Batch, TrainConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
+from jaxmoe.train import (Batch, TrainConfig, current_learning_rate, evaluate, learning_rate_schedule,
+                          make_optimizer, next_token_stats, train_step)
 from jaxmoe.train import next_token_loss as eager_next_token_loss
 
-CONFIG = jaxmoe.get_preset("tiny").replace(vocab_size=64)
+CONFIG = jaxmoe.get_preset("tiny").replace(vocab_size=64, num_layers=1)  # one layer: the loss sees nothing more in two
 next_token_loss = nnx.jit(eager_next_token_loss)  # compiling once beats dispatching the model op by op
 logits_of = nnx.jit(lambda model, ids: model(ids).logits)
 
@@ -78,6 +81,37 @@ def test_left_padding_is_ignored(rng):
                                                                       abs=1e-5)
 
 
+def test_next_token_stats_sum_numpy_cross_entropy_and_argmax_hits_over_the_targets(rng):
+    """Random logits over left padding, a hole in the loss mask and two packed segments: the sums run over exactly
+    the pairs (t, t + 1) where t + 1 is a target and both are real tokens of one segment."""
+    b, t, v = 2, 7, 11
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    ids = rng.integers(0, v, size=(b, t))
+    ids[:, 1:4] = logits[:, :3].argmax(-1)  # a few greedy hits
+    loss_mask = np.ones((b, t), np.int32)
+    loss_mask[0, 4] = 0
+    attention = np.ones((b, t), np.int32)
+    attention[1, :2] = 0
+    segments = np.zeros((b, t), np.int32)
+    segments[0, 5:] = 1
+    batch = Batch(*(jnp.asarray(x, jnp.int32) for x in (ids, loss_mask, attention, segments)))
+    loss_sum = tokens = correct = 0.0
+    for i in range(b):
+        for j in range(t - 1):
+            same_segment = segments[i, j] == segments[i, j + 1]
+            if loss_mask[i, j + 1] and attention[i, j] and attention[i, j + 1] and same_segment:
+                row = logits[i, j].astype(np.float64)
+                loss_sum += np.log(np.exp(row).sum()) - row[ids[i, j + 1]]
+                tokens += 1
+                correct += row.argmax() == ids[i, j + 1]
+    stats = jax.jit(next_token_stats)(jnp.asarray(logits), batch)
+    assert tokens == 4 + 4 and correct > 0
+    np.testing.assert_allclose(float(stats["loss_sum"]), loss_sum, rtol=1e-5)
+    assert float(stats["tokens"]) == tokens and float(stats["correct"]) == correct
+    with pytest.raises(ValueError, match=r"logits have shape \(2, 6, 11\) but input_ids have \(2, 7\)"):
+        next_token_stats(jnp.asarray(logits[:, :6]), batch)
+
+
 def test_thirty_steps_on_a_fixed_batch_cut_the_loss(rng):
     model = tiny_model()
     config = TrainConfig(learning_rate=1e-2, warmup_steps=3, total_steps=30)
@@ -103,6 +137,33 @@ def test_step_metrics_report_the_scheduled_rate_and_gradient_norm(rng):
         assert float(metrics["grad_norm"]) > 0
     assert float(schedule(4)) == pytest.approx(1e-3)
     assert float(schedule(10)) == pytest.approx(1e-4)
+
+
+def test_optimizers_of_one_config_share_the_compiled_step(rng):
+    """A new model and optimizer with the settings of a step already compiled (each `train` call, each resume in
+    one process) run without compiling again: make_optimizer gives equal configs the same optax transformation."""
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=4, total_steps=10, final_lr_fraction=0.1)
+    batch = right_padded_batch(rng, [8, 5], 8)
+    first = tiny_model(0)
+    train_step(first, make_optimizer(first, config), batch)
+    events = []
+    listener = lambda name, *args, **kwargs: events.append(name) if "compile" in name else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = tiny_model(1)
+        train_step(second, make_optimizer(second, TrainConfig(**dataclasses.asdict(config))), batch)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert events == []
+
+
+def test_current_learning_rate_reads_the_scheduled_rate_and_refuses_other_optimizers():
+    """(The rate after each step is checked through train_step's metrics above.)"""
+    model = tiny_model()
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+    assert float(current_learning_rate(make_optimizer(model, config))) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="no scheduled learning rate.*make_optimizer"):
+        current_learning_rate(nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param))
 
 
 def test_norm_gains_are_not_weight_decayed(rng):
@@ -150,7 +211,7 @@ def test_mismatched_mask_shape_is_named(rng):
 def test_moe_model_trains_in_training_mode_with_its_routing_losses(rng):
     """SparseMixer sampling and input jitter (model.train() + rngs) still learn; the aux losses enter the loss."""
     config = jaxmoe.get_preset("tiny-moe").replace(
-        vocab_size=64, moe=jaxmoe.MoEConfig(num_experts=4, aux_loss_coef=0.01, z_loss_coef=0.001))
+        vocab_size=64, num_layers=1, moe=jaxmoe.MoEConfig(num_experts=4, aux_loss_coef=0.01, z_loss_coef=0.001))
     model = jaxmoe.PhimoeForCausalLM(config, rngs=nnx.Rngs(0))
     model.train()
     batch = Batch(jnp.asarray(rng.integers(3, 64, size=(4, 16)), jnp.int32), jnp.ones((4, 16), jnp.int32))
@@ -158,8 +219,13 @@ def test_moe_model_trains_in_training_mode_with_its_routing_losses(rng):
     rngs = nnx.Rngs(router=1, jitter=2)
     losses = [float(train_step(model, optimizer, batch, rngs)["loss"]) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
-    out = model(batch.input_ids, rngs=nnx.Rngs(router=5, jitter=6))
-    loss, stats = next_token_loss(model, batch, nnx.Rngs(router=5, jitter=6))  # the same draws
+
+    @nnx.jit  # one compile for both (the MoE model op by op is slow)
+    def outputs_and_loss(model, batch):
+        out = model(batch.input_ids, rngs=nnx.Rngs(router=5, jitter=6))
+        return out, eager_next_token_loss(model, batch, nnx.Rngs(router=5, jitter=6))  # the same draws
+
+    out, (loss, stats) = outputs_and_loss(model, batch)
     ce = stats["loss_sum"] / stats["tokens"]
     assert float(loss) == pytest.approx(float(ce + 0.01 * out.aux_loss + 0.001 * out.router_z_loss), rel=1e-5)
     assert float(out.aux_loss) > 0 and float(out.router_z_loss) > 0

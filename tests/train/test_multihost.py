@@ -158,7 +158,7 @@ def start_processes(config: dict, folder: Path) -> list[subprocess.Popen]:
     """experiments/tpu_pod/launch.py as processes 0 and 1 of 2, two CPU devices each."""
     path = folder / f"{Path(config['run_dir']).name}-{len(list(folder.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
     address = f"localhost:{free_port()}"
     return [subprocess.Popen([sys.executable, "experiments/tpu_pod/launch.py", "--config", str(path),
                               "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)],

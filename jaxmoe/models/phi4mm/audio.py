@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +19,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import require, require_positive_ints
-from jaxmoe.io.names import ALL, ParamSpec, Piece
 
-__all__ = ["CHUNK_FRAMES", "AudioConfig", "AudioEmbedding", "AudioEncoder", "Buffer", "audio_param_specs"]
+__all__ = ["CHUNK_FRAMES", "AudioConfig", "AudioEmbedding", "AudioEncoder", "Buffer"]
 
 CHUNK_FRAMES = 500  # transformers' `max_seq_len` in Phi4MultimodalAudioModel.forward (hard-coded there too)
 MODES = ("speech", "vision")
@@ -358,53 +356,3 @@ class AudioEmbedding(nnx.Module):
         up, down = ((self.up_proj_for_speech, self.down_proj_for_speech) if mode == "speech"
                     else (self.up_proj_for_vision_speech, self.down_proj_for_vision_speech))
         return down(jax.nn.gelu(up(self.encoder(features_btf, mask_bt)), approximate=False))
-
-
-def audio_param_specs(config: AudioConfig, ours: tuple, hf: str) -> Iterator[ParamSpec]:
-    """Every parameter and buffer of `AudioEmbedding(config, ...)` at path prefix `ours` (in
-    nnx.to_pure_dict(nnx.state(parent))), with its Hub tensor under prefix `hf` (ending in '.')."""
-    def whole(path, name, transpose=False):
-        return ParamSpec((*ours, *path), (Piece(hf + name, ALL, transpose),))
-
-    def linear(path, name):
-        yield whole((*path, "kernel"), name + ".weight", True)
-        yield whole((*path, "bias"), name + ".bias")
-
-    def conv(path, name, axes):
-        yield whole((*path, "kernel"), name + ".weight", axes)
-        yield whole((*path, "bias"), name + ".bias")
-
-    def layer_norm(path, name):
-        yield whole((*path, "scale"), name + ".weight")
-        yield whole((*path, "bias"), name + ".bias")
-
-    conv1d, conv2d = (2, 1, 0), (2, 3, 1, 0)  # torch [out, in, k...] -> flax [k..., in, out]
-    yield whole(("encoder", "global_mean"), "encoder.encoder_embedding.global_mean")
-    yield whole(("encoder", "global_invstd"), "encoder.encoder_embedding.global_invstd")
-    yield from conv(("encoder", "embed", "conv_in"), "encoder.embed.conv.0", conv2d)
-    for i in range(config.stride2_convs - 1):  # torch Sequential: conv, relu, (dw, pw, relu)...
-        yield from conv(("encoder", "embed", "depthwise", i), f"encoder.embed.conv.{3 * i + 2}", conv2d)
-        yield from conv(("encoder", "embed", "pointwise", i), f"encoder.embed.conv.{3 * i + 3}", conv2d)
-    yield from linear(("encoder", "embed", "out"), "encoder.embed.out")
-    yield whole(("encoder", "relative_attention_bias", "embedding"),
-                "encoder.relative_attention_bias_layer.bias_values.weight")
-    for i in range(config.num_blocks):
-        p, n = ("encoder", "layers", i), f"encoder.encoders.{i}."
-        for ff in ("feed_forward_in", "feed_forward_out"):
-            yield from layer_norm((*p, ff, "layer_norm"), n + ff + ".layer_norm")
-            yield from linear((*p, ff, "gate_up_proj"), n + ff + ".gate_up_proj")
-            yield from linear((*p, ff, "down_proj"), n + ff + ".down_proj")
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield from linear((*p, "self_attn", proj), n + "self_attn." + proj)
-        yield from layer_norm((*p, "conv", "layer_norm"), n + "conv.layer_norm")
-        yield from conv((*p, "conv", "glu_conv"), n + "conv.glu.ext_pw_conv_1d", conv1d)
-        yield whole((*p, "conv", "b1"), n + "conv.glu.b1")
-        yield whole((*p, "conv", "b2"), n + "conv.glu.b2")
-        yield from conv((*p, "conv", "dw_conv"), n + "conv.dw_sep_conv_1d.dw_conv", conv1d)
-        yield from conv((*p, "conv", "pw_conv"), n + "conv.dw_sep_conv_1d.pw_conv", conv1d)
-        yield from conv((*p, "conv", "ext_pw_conv"), n + "conv.ext_pw_conv_1d", conv1d)
-        yield from layer_norm((*p, "layer_norm_att"), n + "layer_norm_att")
-        yield from layer_norm((*p, "layer_norm"), n + "layer_norm")
-    for proj in ("up_proj_for_speech", "down_proj_for_speech", "up_proj_for_vision_speech",
-                 "down_proj_for_vision_speech"):
-        yield from linear((proj,), proj)

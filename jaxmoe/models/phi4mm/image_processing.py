@@ -185,8 +185,8 @@ def crop_plan(orig_height: int, orig_width: int, image_size: int, max_num: int, 
 
 
 def hd_transform(image: np.ndarray, size: int, patch_size: int, dynamic_hd: int, mean, std, index: int = 0):
-    """One uint8 [H, W, 3] image -> (crops [1 + n, 3, size, size] float32, mask [1 + n, m, m] float32,
-    (hd_height, hd_width), num_img_tokens)."""
+    """One uint8 [H, W, 3] image -> (crops [1 + n, 3, size, size] float32, mask [1 + n, size / patch_size,
+    size / patch_size] float32, (hd_height, hd_width)): the global view, then the n tiles row-major."""
     orig_height, orig_width = image.shape[:2]
     mask_size = size // patch_size
     grid, new_size, (pad_w, pad_h) = crop_plan(orig_height, orig_width, size, dynamic_hd)
@@ -217,11 +217,6 @@ def hd_transform(image: np.ndarray, size: int, patch_size: int, dynamic_hd: int,
     mask_tiles = attention_mask.reshape(h_crops, mask_size, w_crops, mask_size).transpose(0, 2, 1, 3)
     mask_tiles = mask_tiles.reshape(-1, mask_size, mask_size)
 
-    half = mask_size // 2 + mask_size % 2
-    down = mask_tiles[:, 0::2, 0::2].reshape(h_crops, w_crops, half, half).transpose(0, 2, 1, 3)
-    down = down.reshape(h_crops * half, w_crops * half)
-    num_img_tokens = 256 + 1 + int(down.sum()) + int(down[:, 0].sum()) + 16  # 256 / 16 hard-coded upstream
-
     crops = np.concatenate([global_image[None], tiles], axis=0)
     masks = np.concatenate([np.ones((1, mask_size, mask_size), np.float32), mask_tiles], axis=0)
-    return crops, masks, (target_height, target_width), num_img_tokens
+    return crops, masks, (target_height, target_width)

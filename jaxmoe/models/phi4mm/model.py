@@ -29,7 +29,8 @@ from jaxmoe.models.phi4mm.vision import ImageEmbedding, VisionConfig
 from jaxmoe.nn.attention import KVCache
 from jaxmoe.nn.multi_lora import adapter_names, select_adapters
 
-__all__ = ["ADAPTERS", "InputMode", "MM_PRESETS", "Phi4MMConfig", "Phi4MultimodalForCausalLM", "get_mm_preset"]
+__all__ = ["ADAPTERS", "InputMode", "MM_PRESETS", "MODE_ADAPTER", "Phi4MMConfig", "Phi4MultimodalForCausalLM",
+           "get_mm_preset"]
 
 
 class InputMode(enum.IntEnum):
@@ -42,20 +43,19 @@ class InputMode(enum.IntEnum):
 
 
 ADAPTERS = ("vision", "speech")
-# Index into ADAPTERS per InputMode (-1: no adapter).
-_MODE_ADAPTER = np.array([-1, 0, 1, 0], np.int32)
+# The adapter each InputMode selects, as an index into ADAPTERS (-1: no adapter).
+MODE_ADAPTER = np.array([-1, 0, 1, 0], np.int32)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Phi4MMConfig:
-    """The language model (Phi-4-mini's architecture), the vision and audio encoders, and the placeholder ids
-    (which must equal vision.image_token_id / audio.audio_token_id, where transformers keeps them)."""
+    """The language model (Phi-4-mini's architecture) and the vision and audio encoders. The placeholder ids
+    live where transformers keeps them, vision.image_token_id and audio.audio_token_id; `image_token_id` and
+    `audio_token_id` read them."""
 
     text: ModelConfig
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     audio: AudioConfig = dataclasses.field(default_factory=AudioConfig)
-    image_token_id: int = 200010
-    audio_token_id: int = 200011
 
     def __post_init__(self):
         for name, kind in (("text", ModelConfig), ("vision", VisionConfig), ("audio", AudioConfig)):
@@ -65,16 +65,22 @@ class Phi4MMConfig:
         need = functools.partial(require, self)
         need(self.text.moe is None, "text.moe is set; the Phi-4-multimodal language model is dense")
         vocab = self.text.vocab_size
-        for name in ("image_token_id", "audio_token_id"):
-            value = getattr(self, name)
+        for name, value in (("vision.image_token_id", self.image_token_id),
+                            ("audio.audio_token_id", self.audio_token_id)):
             need(isinstance(value, int) and 0 <= value < vocab,
-                 f"{name}={value!r}; expected a token id in [0, {vocab})")
-        need(self.image_token_id != self.audio_token_id, f"image_token_id and audio_token_id are both "
+                 f"{name}={value!r}; expected a token id in [0, text.vocab_size={vocab})")
+        need(self.image_token_id != self.audio_token_id, f"vision.image_token_id and audio.audio_token_id are both "
              f"{self.image_token_id}; the placeholders must differ")
-        need(self.vision.image_token_id == self.image_token_id and self.audio.audio_token_id == self.audio_token_id,
-             f"image_token_id={self.image_token_id}, audio_token_id={self.audio_token_id} but vision.image_token_id="
-             f"{self.vision.image_token_id}, audio.audio_token_id={self.audio.audio_token_id}; set the same ids in "
-             "both places")
+
+    @property
+    def image_token_id(self) -> int:
+        """The image placeholder id (vision.image_token_id)."""
+        return self.vision.image_token_id
+
+    @property
+    def audio_token_id(self) -> int:
+        """The audio placeholder id (audio.audio_token_id)."""
+        return self.audio.audio_token_id
 
     @property
     def model_type(self) -> str:
@@ -97,8 +103,7 @@ MM_PRESETS: dict[str, Phi4MMConfig] = {
                             patch_size=14, crop_size=56, image_token_id=500),
         audio=AudioConfig(hidden_size=32, intermediate_size=48, num_blocks=2, num_heads=2, nemo_conv_channels=16,
                           ext_pw_out_channel=32, depthwise_separable_out_channel=32, bias_max_distance=20,
-                          audio_token_id=501),
-        image_token_id=500, audio_token_id=501),
+                          audio_token_id=501)),
 }
 
 
@@ -211,7 +216,7 @@ class Phi4MultimodalForCausalLM(nnx.Module):
                 raise ValueError(f"input_mode={np.asarray(input_mode).tolist()}; expected InputMode values 0 "
                                  "(language), 1 (vision), 2 (speech) or 3 (vision+speech), one for the batch or one "
                                  "per row")
-        selection = (select_adapters(ADAPTERS, jnp.asarray(_MODE_ADAPTER)[modes_b])
+        selection = (select_adapters(ADAPTERS, jnp.asarray(MODE_ADAPTER)[modes_b])
                      if adapter_names(self.language_model) else contextlib.nullcontext())
         with selection:
             return self.language_model(ids, inputs_embeds=x, attention_mask=attention_mask, positions=positions,

@@ -1,7 +1,9 @@
 """`Phi4MMProcessor`: NumPy-only inputs for Phi-4-multimodal, matching transformers 5.24's processors.
 
 * `.images(list of uint8 [H, W, 3])` == `Phi4MultimodalImageProcessor()(images, return_tensors="np")`
-  (dynamic-HD crops: global bicubic view + row-major 448-pixel tiles, patch masks, token counts).
+  (dynamic-HD crops: global bicubic view + row-major 448-pixel tiles, patch masks, token counts). The token
+  counts come from the layout the model assembles its image features in (`image_tokens`), so they fit the model
+  at every crop size; transformers hard-codes the 448-pixel numbers (256 + 16) and agrees only at 448.
 * `.audio(list of 1-D waveforms, sampling_rate)` == `Phi4MultimodalFeatureExtractor()(waves, sampling_rate=...,
   return_tensors="np")` (log-mel features, token counts, frame mask when batched).
 * `.expand_prompt(text, num_img_tokens, audio_embed_sizes)` does what `Phi4MultimodalProcessor` does to the text: each
@@ -17,10 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmoe.models.phi4mm.audio_features import audio_embed_sizes as _audio_embed_sizes
-from jaxmoe.models.phi4mm.audio_features import fbank_features, kaldi_mel_filters
+from jaxmoe.models.phi4mm.audio_features import audio_embed_sizes, fbank_features, kaldi_mel_filters
 from jaxmoe.models.phi4mm.image_processing import hd_transform
-
+from jaxmoe.models.phi4mm.image_tokens import num_image_tokens
 
 
 class Phi4MMProcessor:
@@ -51,8 +52,14 @@ class Phi4MMProcessor:
             if height != width:
                 raise ValueError(f"Phi-4-multimodal crops are square; got size {size}")
             size = height
+        for name, value, unit in (("size", size, "pixels"), ("patch_size", patch_size, "pixels"),
+                                  ("dynamic_hd", dynamic_hd, "tiles at most")):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected a positive integer ({unit})")
         if size % patch_size:
-            raise ValueError(f"size {size} must be a multiple of patch_size {patch_size}")
+            raise ValueError(f"size={size} is not a multiple of patch_size={patch_size}; a crop must tile into whole "
+                             f"patches (e.g. size={max(1, size // patch_size) * patch_size}), as the vision config's "
+                             "image_size does")
         self.size, self.patch_size, self.dynamic_hd = int(size), int(patch_size), int(dynamic_hd)
         self.image_mean, self.image_std, self.rescale_factor = tuple(image_mean), tuple(image_std), rescale_factor
         # transformers fuses rescale into normalize: mean and std (float32) times 1 / rescale_factor.
@@ -78,16 +85,16 @@ class Phi4MMProcessor:
         """uint8 RGB images [H, W, 3] (a list, or one array, or a [B, H, W, 3] array) -> dict of NumPy arrays:
         `image_pixel_values` float32 [B, crops, 3, size, size] (crop 0 is the global view; images with fewer crops
         are zero-padded), `image_sizes` int64 [B, 2] (height, width of the HD canvas), `image_attention_mask`
-        float32 [B, crops, size/patch, size/patch] (padding crops are all ones), `num_img_tokens` int64 [B]."""
+        float32 [B, crops, size/patch, size/patch] (padding crops are all ones), `num_img_tokens` int64 [B] (the
+        image placeholders each image takes in the prompt: the rows the image embedding makes for it)."""
         images = self._check_images(images)
-        crops, masks, sizes, tokens = [], [], [], []
+        crops, masks, sizes = [], [], []
         for i, image in enumerate(images):
-            c, m, hw, n = hd_transform(image, self.size, self.patch_size, self.dynamic_hd, self._mean, self._std,
-                                       index=i)
+            c, m, hw = hd_transform(image, self.size, self.patch_size, self.dynamic_hd, self._mean, self._std,
+                                    index=i)
             crops.append(c)
             masks.append(m)
             sizes.append(hw)
-            tokens.append(n)
         max_crops = max(c.shape[0] for c in crops)
         s, ms = self.size, self.size // self.patch_size
         pixel_values = np.zeros((len(crops), max_crops, 3, s, s), np.float32)
@@ -95,11 +102,12 @@ class Phi4MMProcessor:
         for i, (c, m) in enumerate(zip(crops, masks)):
             pixel_values[i, : c.shape[0]] = c
             attention_mask[i, : m.shape[0]] = m
+        sizes = np.asarray(sizes, dtype=np.int64)
         return {
             "image_pixel_values": pixel_values,
-            "image_sizes": np.asarray(sizes, dtype=np.int64),
+            "image_sizes": sizes,
             "image_attention_mask": attention_mask,
-            "num_img_tokens": np.asarray(tokens, dtype=np.int64),
+            "num_img_tokens": np.asarray(num_image_tokens(sizes, attention_mask, self.size), dtype=np.int64),
         }
 
     @staticmethod
@@ -166,8 +174,8 @@ class Phi4MMProcessor:
         feature_lengths = ((lengths - self.win_length) // self.hop_length + 1) * self.audio_feat_stride
         out = {
             "audio_input_features": features,
-            "audio_embed_sizes": _audio_embed_sizes(feature_lengths, self.audio_compression_rate,
-                                                    self.audio_downsample_rate),
+            "audio_embed_sizes": audio_embed_sizes(feature_lengths, self.audio_compression_rate,
+                                                   self.audio_downsample_rate),
         }
         if len(waves) > 1:
             out["audio_attention_mask"] = np.arange(feature_lengths.max())[None, :] < feature_lengths[:, None]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +17,10 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import require, require_positive_ints
-from jaxmoe.io.names import ALL, ParamSpec, Piece
+from jaxmoe.models.phi4mm.image_tokens import image_token_sources
 
-__all__ = ["VISION_IGNORED", "ImageEmbedding", "VisionConfig", "VisionEncoder", "compress_2x2", "num_image_tokens",
-           "patch_position_ids", "vision_param_specs"]
-
-# Hub tensors under the image embedding's prefix that nothing here reads: SigLIP's final LayerNorm and pooling
-# head (the features are taken before them).
-VISION_IGNORED = ("img_processor.post_layernorm.", "img_processor.head.")
+__all__ = ["ImageEmbedding", "VisionConfig", "VisionEncoder", "compress_2x2", "num_image_tokens",
+           "patch_position_ids"]
 
 _HF_KEYS = {  # our field -> the transformers vision_config key
     "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
@@ -33,7 +28,6 @@ _HF_KEYS = {  # our field -> the transformers vision_config key
     "patch_size": "patch_size", "layer_norm_eps": "layer_norm_eps", "crop_size": "crop_size",
     "feature_layer": "feature_layer", "image_token_id": "image_token_id",
 }
-_SUB, _GLB = -1, -2  # token sources that are the row separator and the global separator, not crop features
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -234,47 +228,22 @@ def _host(value, name: str) -> np.ndarray:
 
 
 def _token_sources(image_sizes, image_attention_mask, config: VisionConfig) -> list[np.ndarray]:
-    """Per image, int [tokens]: where each of its output tokens comes from, in order. c * m^2 + r * m + k is crop
-    c's compressed token (r, k) (crop 0 the global view, then the HD tiles row-major); _SUB and _GLB the
-    separators. Sub-tiles trimmed to the valid area with a separator per row, _GLB, then the global grid with a
-    separator per row (transformers' `sub_glb` order)."""
+    """`image_tokens.image_token_sources` for this config's geometry, from concrete arrays only."""
     sizes = _host(image_sizes, "image_sizes")
     mask = _host(image_attention_mask, "image_attention_mask")
-    p, m = config.patches_per_side, config.tokens_per_side
-    if mask.ndim != 4 or mask.shape[2:] != (p, p) or mask.shape[1] < 2:
+    p = config.patches_per_side
+    if mask.ndim != 4 or mask.shape[2:] != (p, p):
         raise ValueError(f"image_attention_mask has shape {mask.shape}; expected [images, crops >= 2, {p}, {p}] "
-                         "(a global view and at least one tile per image, image_size / patch_size patches a side)")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("image_attention_mask holds values other than 0 and 1; expected a patch mask "
-                         "(1 = real patch, 0 = padding)")
-    if sizes.shape != (mask.shape[0], 2) or not np.issubdtype(sizes.dtype, np.integer):
-        raise ValueError(f"image_sizes is {sizes.dtype} {sizes.shape}; expected integers [{mask.shape[0]}, 2] "
-                         "(height, width of each HD-resized image), one row per image of image_attention_mask")
-    mask = mask.astype(bool)
-    crops, per_crop = mask.shape[1], m * m
-    grid = np.arange(per_crop).reshape(m, m)
-    global_part = np.concatenate([grid, np.full((m, 1), _SUB)], axis=1).reshape(-1)
-    sources = []
-    for i, (height, width) in enumerate(sizes.tolist()):
-        rows, cols = height // config.crop_size, width // config.crop_size
-        if rows < 1 or cols < 1 or 1 + rows * cols > crops:
-            raise ValueError(f"image {i}: image_sizes ({height}, {width}) make a {rows} x {cols} grid of "
-                             f"{config.crop_size}-pixel tiles; expected at least 1 x 1 and at most {crops - 1} "
-                             "tiles (the crops given after the global view)")
-        tiles = mask[i, 1:1 + rows * cols, 0::2, 0::2].reshape(rows, cols, m, m)
-        tiles = tiles.transpose(0, 2, 1, 3).reshape(rows * m, cols * m)
-        useful_h, useful_w = int(tiles[:, 0].sum()), int(tiles[0, :].sum())
-        r, k = np.meshgrid(np.arange(useful_h), np.arange(useful_w), indexing="ij")
-        sub = (1 + (r // m) * cols + k // m) * per_crop + (r % m) * m + k % m
-        sub = np.concatenate([sub, np.full((useful_h, 1), _SUB)], axis=1).reshape(-1)
-        sources.append(np.concatenate([sub, [_GLB], global_part]).astype(np.int64))
-    return sources
+                         f"(image_size / patch_size = {config.image_size} / {config.patch_size} patches a side; "
+                         "make the inputs with Phi4MMProcessor(size=image_size, patch_size=patch_size))")
+    return image_token_sources(sizes, mask, config.crop_size)
 
 
 def num_image_tokens(image_sizes, image_attention_mask, config: VisionConfig) -> list[int]:
     """Image tokens (id `config.image_token_id` placeholders) each image takes in the text, from host arrays
     image_sizes int [images, 2] and image_attention_mask [images, crops, S/p, S/p]: valid sub-tile tokens plus
-    one separator per sub row, one global separator, m * (m + 1) global tokens (545 for one 448 x 448 image)."""
+    one separator per sub row, one global separator, m * (m + 1) global tokens (545 for one 448 x 448 image;
+    the formula: `jaxmoe.models.phi4mm.image_tokens`, which the processor's num_img_tokens uses too)."""
     return [len(s) for s in _token_sources(image_sizes, image_attention_mask, config)]
 
 
@@ -329,40 +298,7 @@ class ImageEmbedding(nnx.Module):
         table = jnp.concatenate([features.reshape(rows, d),
                                  self.sub_img_feature_extensor[...].reshape(1, d).astype(features.dtype),
                                  self.global_img_feature_extensor[...].reshape(1, d).astype(features.dtype)])
-        # Separators index the two rows after the features: _SUB -> rows, _GLB -> rows + 1.
+        # Separators index the two rows after the features: ROW_SEPARATOR (-1) -> rows, GLOBAL_SEPARATOR (-2) ->
+        # rows + 1.
         index = np.concatenate([np.where(s >= 0, i * per_image + s, rows - 1 - s) for i, s in enumerate(sources)])
         return self.project(jnp.take(table, jnp.asarray(index, jnp.int32), axis=0))
-
-
-def _linear(path: tuple, hf: str) -> Iterator[ParamSpec]:
-    yield ParamSpec((*path, "kernel"), (Piece(hf + ".weight", ALL, True),))
-    yield ParamSpec((*path, "bias"), (Piece(hf + ".bias", ALL, False),))
-
-
-def _layer_norm_specs(path: tuple, hf: str) -> Iterator[ParamSpec]:
-    yield ParamSpec((*path, "scale"), (Piece(hf + ".weight", ALL, False),))
-    yield ParamSpec((*path, "bias"), (Piece(hf + ".bias", ALL, False),))
-
-
-def vision_param_specs(config: VisionConfig, ours: tuple, hf: str) -> Iterator[ParamSpec]:
-    """Every parameter of an `ImageEmbedding` at path `ours` in the parent's pure state dict, with its Hub tensor
-    under the key prefix `hf` (e.g. "model.embed_tokens_extend.image_embed."). Hub tensors under
-    `hf + VISION_IGNORED[i]` are not read."""
-    enc, hf_enc = (*ours, "img_processor"), hf + "img_processor."
-    yield ParamSpec((*enc, "patch_embedding", "kernel"),
-                    (Piece(hf_enc + "embeddings.patch_embedding.weight", ALL, (2, 3, 1, 0)),))
-    yield ParamSpec((*enc, "patch_embedding", "bias"), (Piece(hf_enc + "embeddings.patch_embedding.bias", ALL, False),))
-    yield ParamSpec((*enc, "position_embedding", "embedding"),
-                    (Piece(hf_enc + "embeddings.position_embedding.weight", ALL, False),))
-    for i in range(config.num_layers):
-        path, name = (*enc, "layers", i), f"{hf_enc}encoder.layers.{i}."
-        yield from _layer_norm_specs((*path, "layer_norm1"), name + "layer_norm1")
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            yield from _linear((*path, "self_attn", proj), f"{name}self_attn.{proj}")
-        yield from _layer_norm_specs((*path, "layer_norm2"), name + "layer_norm2")
-        for fc in ("fc1", "fc2"):
-            yield from _linear((*path, "mlp", fc), f"{name}mlp.{fc}")
-    yield from _linear((*ours, "img_projection_up"), hf + "img_projection_up")
-    yield from _linear((*ours, "img_projection_down"), hf + "img_projection_down")
-    for name in ("global_img_feature_extensor", "sub_img_feature_extensor"):
-        yield ParamSpec((*ours, name), (Piece(hf + name, ALL, False),))

@@ -1,19 +1,20 @@
 """Phi-4-multimodal fine-tuning: a step moves exactly the adapters and projectors its batch uses and leaves every
 other variable bit-identical, alternating image and audio batches teaches a synthetic image-to-text and
-audio-to-text task, a repeated step with the same sizes does not recompile, and misuse fails clearly."""
+audio-to-text task, a step reports the loss and accuracy of the model's own logits, a repeated step with the same
+sizes does not recompile, and misuse fails clearly."""
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmoe.models.phi4mm.finetune import MMBatch, frozen_state, make_mm_optimizer, mm_train_step, trainable_state
 from jaxmoe.models.phi4mm.model import Phi4MultimodalForCausalLM, get_mm_preset
 from jaxmoe.models.phi4mm.processor import Phi4MMProcessor
 from jaxmoe.models.phi4mm.vision import num_image_tokens
 from jaxmoe.nn.lora import LoRAConfig
 from jaxmoe.nn.multi_lora import add_adapter
 from jaxmoe.train import TrainConfig, make_optimizer
+from jaxmoe.train.multimodal import MMBatch, frozen_state, make_mm_optimizer, mm_train_step, trainable_state
 
 CONFIG = get_mm_preset("tiny-mm")
 IMAGE, AUDIO = CONFIG.image_token_id, CONFIG.audio_token_id
@@ -206,6 +207,25 @@ def test_a_batch_of_image_rows_and_audio_rows_moves_both_adapters_and_the_vision
                                                        ("audio_embed", "down_proj_for_vision_speech")}}
     expected = {p for p in trainable if ("adapters" in p or p[0] == "image_embed")} | vision_speech
     assert changed(before, snapshot(run["model"])) == expected
+
+
+def test_a_step_reports_the_cross_entropy_and_greedy_accuracy_of_the_models_logits_on_the_targets(run):
+    """The step's loss, accuracy and tokens are those of the model's own forward before the update, computed in
+    NumPy over the loss_mask targets."""
+    batch = image_batch(np.random.default_rng(2))
+    model = run["model"]
+    forward = nnx.jit(lambda model, ids, pixels: model(  # compiled: faster than running the model op by op
+        ids, image_pixel_values=pixels, image_sizes=batch.image_sizes,
+        image_attention_mask=batch.image_attention_mask).logits)
+    logits = np.asarray(forward(model, batch.input_ids, batch.image_pixel_values), np.float64)[:, :-1]
+    targets, is_target = batch.input_ids[:, 1:], batch.loss_mask[:, 1:].astype(bool)
+    top = logits.max(-1)
+    log_z = top + np.log(np.exp(logits - top[..., None]).sum(-1))
+    nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    metrics = mm_train_step(model, run["optimizer"], batch)
+    assert float(metrics["tokens"]) == ROWS
+    np.testing.assert_allclose(float(metrics["loss"]), nll[is_target].mean(), rtol=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx((logits.argmax(-1) == targets)[is_target].mean())
 
 
 def test_a_model_without_adapters_is_refused():

@@ -21,9 +21,9 @@ neither decays nor drifts (by momentum) the adapter that a batch does not touch.
 learning-rate schedule are shared and advance every step.
 
 The sizes that set token counts (image_sizes, image_attention_mask, audio_embed_sizes) must be host values (see
-vision.py, audio.py): the step is compiled once per distinct value of them (and per set of used adapters and
-projectors), with them as constants and the pixels, audio features, ids and masks traced. Batches that keep
-their images' and clips' sizes fixed (or bucketed) compile once.
+jaxmoe/models/phi4mm/vision.py, audio.py): the step is compiled once per distinct value of them (and per set of
+used adapters and projectors), with them as constants and the pixels, audio features, ids and masks traced.
+Batches that keep their images' and clips' sizes fixed (or bucketed) compile once.
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxmoe.infer.generate import greedy_tokens
-from jaxmoe.models.phi4mm.model import _MODE_ADAPTER, ADAPTERS, Phi4MultimodalForCausalLM
+from jaxmoe.models.phi4mm.model import ADAPTERS, MODE_ADAPTER, Phi4MultimodalForCausalLM
 from jaxmoe.models.phi4mm.vision import num_image_tokens
 from jaxmoe.nn.multi_lora import adapter_names
-from jaxmoe.train.loop import Batch, TrainConfig, _current_learning_rate, _target_weights, make_optimizer
+from jaxmoe.train.loop import Batch, TrainConfig, current_learning_rate, make_optimizer, next_token_stats
 
 __all__ = ["MMBatch", "TRAINABLE", "frozen_state", "make_mm_optimizer", "mm_train_step", "trainable_state"]
 
@@ -213,8 +212,7 @@ def _check_batch(model: Phi4MultimodalForCausalLM, batch: MMBatch) -> set[tuple[
                              f"{what} inputs make {expected}; expand each placeholder with "
                              "Phi4MMProcessor.expand_prompt and pass the inputs in placeholder order")
 
-    modes_b = (ids == c.image_token_id).any(axis=1) * 1 + (ids == c.audio_token_id).any(axis=1) * 2
-    used = {("adapter", ADAPTERS[i]) for i in _MODE_ADAPTER[modes_b] if i >= 0}
+    used = {("adapter", ADAPTERS[i]) for i in MODE_ADAPTER[np.asarray(model.input_modes(ids))] if i >= 0}
     if has_image:
         used.add(("projector", "image"))
     if has_audio:
@@ -236,8 +234,8 @@ def mm_train_step(model: Phi4MultimodalForCausalLM, optimizer: nnx.Optimizer, ba
                         "(for text-only models use jaxmoe.train.train_step)")
     if getattr(optimizer, "wrt", None) is not TRAINABLE:
         raise ValueError("mm_train_step: the optimizer was not built by make_mm_optimizer (its wrt is "
-                         f"{getattr(optimizer, 'wrt', None)!r}, not finetune.TRAINABLE); build it with "
-                         "make_mm_optimizer(model, learning_rate, ...)")
+                         f"{getattr(optimizer, 'wrt', None)!r}, not jaxmoe.train.multimodal.TRAINABLE); build it "
+                         "with make_mm_optimizer(model, learning_rate, ...)")
     host = _Host.of(batch, _check_batch(model, batch))
     traced = {name: getattr(batch, name) for name in _TRACED_FIELDS}
     traced["input_ids"] = jnp.asarray(traced["input_ids"], jnp.int32)
@@ -266,8 +264,6 @@ def _mm_step(model: Phi4MultimodalForCausalLM, optimizer: nnx.Optimizer, traced:
              ) -> dict[str, jax.Array]:
     constants = host.arrays()
     targets = Batch(traced["input_ids"], traced["loss_mask"], traced["attention_mask"])
-    weight_bt = _target_weights(targets)
-    tokens = jnp.sum(weight_bt)
 
     def objective(model):
         out = model(traced["input_ids"], attention_mask=traced["attention_mask"],
@@ -276,12 +272,10 @@ def _mm_step(model: Phi4MultimodalForCausalLM, optimizer: nnx.Optimizer, traced:
                     audio_input_features=traced["audio_input_features"],
                     audio_embed_sizes=constants["audio_embed_sizes"],
                     audio_attention_mask=traced["audio_attention_mask"])
-        logits_btv, targets_bt = out.logits[:, :-1], targets.input_ids[:, 1:]
-        nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
-        correct = jnp.sum(((greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)).astype(jnp.float32))
-        return jnp.sum(nll_bt * weight_bt) / jnp.maximum(tokens, 1.0), correct
+        stats = next_token_stats(out.logits, targets)
+        return stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
 
-    (loss, correct), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, TRAINABLE),
+    (loss, stats), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, TRAINABLE),
                                                 has_aux=True)(model)
     # What the batch does not use keeps its values and its moments, which the update would otherwise decay and
     # apply. The optimizer state holds each moment under its parameter's path (mu/<path>, nu/<path>).
@@ -292,5 +286,6 @@ def _mm_step(model: Phi4MultimodalForCausalLM, optimizer: nnx.Optimizer, traced:
     optimizer.update(model, grads)
     _restore(model, kept_params)
     _restore(optimizer, kept_moments)
-    return {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": _current_learning_rate(optimizer),
-            "accuracy": correct / jnp.maximum(tokens, 1.0), "tokens": tokens}
+    tokens = stats["tokens"]
+    return {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": current_learning_rate(optimizer),
+            "accuracy": stats["correct"] / jnp.maximum(tokens, 1.0), "tokens": tokens}
