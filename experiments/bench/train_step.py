@@ -1,20 +1,27 @@
-"""One full training step of a tiny random PhiMoE, jaxmoe vs transformers, on the same weights (fp32, CPU).
+"""One full training step, jaxmoe vs transformers, on the same random weights (fp32, CPU).
 
-The step, on both sides: a training-mode forward over 8 x 256 tokens (SparseMixer sampling and input jitter on),
-the mean next-token cross-entropy + 0.01 x the load-balancing loss, backward, global-norm clipping to 1.0 and an
-AdamW update (`TrainConfig()`'s learning-rate schedule, betas and weight decay, decay on matrices only).
+Models (issue 15): a 2-layer PhiMoE (hidden 512, intermediate 1024, 8 heads / 4 KV heads, 16 experts, top-2,
+LayerNorm, attention and LM-head biases) and a 2-layer dense Phi-3 of the same sizes (RMSNorm, SwiGLU, no biases),
+each at vocabulary 512 and 32,064, built in transformers under `torch.manual_seed(0)`, saved with
+`save_pretrained` and read back with `jaxmoe.load_hf`.
 
-Cases (one JSON line each, in one run):
-  jaxmoe                   jaxmoe.train.train_step (jitted; compile time excluded)
-  transformers_eager       PhimoeForCausalLM, experts_implementation="eager" (the per-expert loop), sdpa attention,
-                           torch.optim.AdamW
-  transformers_grouped_mm  the same with experts_implementation="grouped_mm" (what from_pretrained picks)
+The step, on both sides: a training-mode forward over 2 x 1,024 tokens (PhiMoE: SparseMixer sampling and input
+jitter on), the mean next-token cross-entropy (+ 0.01 x the load-balancing loss for PhiMoE), backward, global-norm
+clipping to 1.0 and an AdamW update (`TrainConfig()`'s learning-rate schedule, betas and weight decay, decay on
+matrices only).
+
+Cases (one JSON line each):
+  jaxmoe                   jaxmoe.train.train_step (jitted); `first_step_seconds` is its first call, compile
+                           included, and `compile_seconds` that minus the median step
+  transformers_eager       *ForCausalLM with sdpa attention (PhiMoE: experts_implementation="eager", the
+                           per-expert loop), torch.optim.AdamW
+  transformers_grouped_mm  PhiMoE only: experts_implementation="grouped_mm" (what from_pretrained picks)
 
 Every case runs once to warm up; then the cases alternate call by call (0.2 s pause between calls) and the median
-of --repeats steps is reported, with tokens/s = 8 * 256 / median. `first_loss` is the loss of each case's first
-timed step (the sides draw different random routing samples, so it only shows that both are near ln(32064) = 10.4).
+of --repeats steps is reported, with tokens/s = 2 * 1024 / median. `first_loss` is each case's first timed step
+(PhiMoE's sides draw different routing samples, so it only shows that both are near ln(vocab)).
 
-    python experiments/bench/train_step.py [--repeats 7]
+    python experiments/bench/train_step.py [--model moe dense] [--vocab 512 32064] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -38,19 +45,26 @@ from flax import nnx  # noqa: E402
 import jaxmoe  # noqa: E402
 from jaxmoe.train import Batch, TrainConfig, learning_rate_schedule, make_optimizer, train_step  # noqa: E402
 
-BATCH, LENGTH, AUX_LOSS_COEF = 8, 256, 0.01
+BATCH, LENGTH, AUX_LOSS_COEF = 2, 1024, 0.01
+SIZES = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=1, eos_token_id=None, pad_token_id=0,
+             use_cache=False, attn_implementation="sdpa")
 
 
-def hf_config() -> transformers.PhimoeConfig:
-    return transformers.PhimoeConfig(
-        vocab_size=32064, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
-        router_jitter_noise=0.01, input_jitter_noise=0.01, max_position_embeddings=4096, output_router_logits=True,
-        router_aux_loss_coef=AUX_LOSS_COEF, use_cache=False, bos_token_id=1, eos_token_id=None, pad_token_id=0,
-        attn_implementation="sdpa", experts_implementation="eager")
+def hf_model(kind: str, vocab: int):
+    """A random transformers model of the benchmark's sizes."""
+    if kind == "moe":
+        config = transformers.PhimoeConfig(
+            vocab_size=vocab, num_local_experts=16, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+            router_jitter_noise=0.01, input_jitter_noise=0.01, output_router_logits=True,
+            router_aux_loss_coef=AUX_LOSS_COEF, experts_implementation="eager", **SIZES)
+        return transformers.PhimoeForCausalLM(config)
+    config = transformers.Phi3Config(vocab_size=vocab, original_max_position_embeddings=4096, rope_scaling=None,
+                                     tie_word_embeddings=False, **SIZES)
+    return transformers.Phi3ForCausalLM(config)
 
 
-def torch_step_fn(model: transformers.PhimoeForCausalLM, train: TrainConfig, ids: torch.Tensor):
+def torch_step_fn(model, train: TrainConfig, ids: torch.Tensor):
     """A callable running one training step of `model` on `ids`; returns the loss."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -65,7 +79,7 @@ def torch_step_fn(model: transformers.PhimoeForCausalLM, train: TrainConfig, ids
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss  # labels are shifted inside; the aux loss is added (output_router_logits)
+        loss = model(ids, labels=ids).loss  # labels are shifted inside; PhiMoE adds its aux loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.clip_norm)
         optimizer.step()
@@ -75,7 +89,7 @@ def torch_step_fn(model: transformers.PhimoeForCausalLM, train: TrainConfig, ids
     return step
 
 
-def jax_step_fn(model: jaxmoe.PhimoeForCausalLM, train: TrainConfig, ids: np.ndarray):
+def jax_step_fn(model, train: TrainConfig, ids: np.ndarray):
     """A callable running one jitted jaxmoe training step of `model` on `ids`; returns the loss."""
     model.train()
     optimizer = make_optimizer(model, train)
@@ -84,10 +98,14 @@ def jax_step_fn(model: jaxmoe.PhimoeForCausalLM, train: TrainConfig, ids: np.nda
     return lambda: float(jax.block_until_ready(train_step(model, optimizer, batch, rngs))["loss"])
 
 
-def median_seconds(steps: dict, repeats: int) -> dict[str, tuple[float, float, float]]:
-    """Per case: (median seconds, min seconds, loss of the first timed step), cases alternating call by call."""
-    for step in steps.values():
+def median_seconds(steps: dict, repeats: int) -> dict[str, dict]:
+    """Per case: median and min seconds, the first (warm-up) call's seconds and the first timed step's loss; the
+    cases alternate call by call."""
+    first = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
         step()
+        first[name] = time.perf_counter() - start
     times, first_loss = {name: [] for name in steps}, {}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -96,25 +114,25 @@ def median_seconds(steps: dict, repeats: int) -> dict[str, tuple[float, float, f
             loss = step()
             times[name].append(time.perf_counter() - start)
             first_loss.setdefault(name, loss)
-    return {name: (statistics.median(t), min(t), first_loss[name]) for name, t in times.items()}
+    return {name: {"seconds": statistics.median(t), "min_seconds": min(t), "first_step_seconds": first[name],
+                   "first_loss": first_loss[name]} for name, t in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-
+def run(kind: str, vocab: int, repeats: int) -> None:
     torch.manual_seed(0)
-    hf_eager = transformers.PhimoeForCausalLM(hf_config())
+    hf_eager = hf_model(kind, vocab)
     with tempfile.TemporaryDirectory() as folder:
         hf_eager.save_pretrained(folder)
-        hf_grouped = transformers.PhimoeForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm")
+        hf_grouped = None
+        if kind == "moe":
+            hf_grouped = transformers.PhimoeForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm")
+            assert hf_grouped.config._experts_implementation == "grouped_mm"
         model = jaxmoe.load_hf(folder)
-    assert hf_grouped.config._experts_implementation == "grouped_mm"
-    assert model.config.moe.aux_loss_coef == AUX_LOSS_COEF, model.config.moe  # read from router_aux_loss_coef
+    if kind == "moe":
+        assert model.config.moe.aux_loss_coef == AUX_LOSS_COEF, model.config.moe  # read from router_aux_loss_coef
 
-    ids = np.random.default_rng(0).integers(3, 32064, size=(BATCH, LENGTH))
+    ids = np.random.default_rng(0).integers(3, vocab, size=(BATCH, LENGTH))
     with torch.no_grad():  # the same weights: eval-mode logits agree before any step
         hf_eager.eval()
         diff = float(np.abs(np.asarray(model(jnp.asarray(ids[:1, :64])).logits)
@@ -122,16 +140,33 @@ def main() -> None:
 
     train = TrainConfig()
     ids_pt = torch.tensor(ids)
-    results = median_seconds({"jaxmoe": jax_step_fn(model, train, ids),
-                              "transformers_eager": torch_step_fn(hf_eager, train, ids_pt),
-                              "transformers_grouped_mm": torch_step_fn(hf_grouped, train, ids_pt)}, args.repeats)
-    for name, (seconds, min_seconds, loss) in results.items():
-        print(json.dumps({
-            "case": name, "seconds": round(seconds, 4), "min_seconds": round(min_seconds, 4),
-            "tok_s": round(BATCH * LENGTH / seconds, 1), "first_loss": round(loss, 4), "repeats": args.repeats,
-            "speedup_vs_transformers_eager": round(results["transformers_eager"][0] / seconds, 2),
-            "speedup_vs_transformers_grouped_mm": round(results["transformers_grouped_mm"][0] / seconds, 2),
-            **({"max_abs_diff_eval_logits": diff} if name == "jaxmoe" else {})}), flush=True)
+    steps = {"jaxmoe": jax_step_fn(model, train, ids), "transformers_eager": torch_step_fn(hf_eager, train, ids_pt)}
+    if hf_grouped is not None:
+        steps["transformers_grouped_mm"] = torch_step_fn(hf_grouped, train, ids_pt)
+    results = median_seconds(steps, repeats)
+    for name, r in results.items():
+        line = {"model": kind, "vocab": vocab, "case": name, "seconds": round(r["seconds"], 4),
+                "min_seconds": round(r["min_seconds"], 4), "tok_s": round(BATCH * LENGTH / r["seconds"], 1),
+                "first_loss": round(r["first_loss"], 4), "repeats": repeats,
+                "first_step_seconds": round(r["first_step_seconds"], 2)}
+        for other in results:
+            if other.startswith("transformers"):
+                line[f"speedup_vs_{other}"] = round(results[other]["seconds"] / r["seconds"], 2)
+        if name == "jaxmoe":
+            line["compile_seconds"] = round(r["first_step_seconds"] - r["seconds"], 2)
+            line["max_abs_diff_eval_logits"] = diff
+        print(json.dumps(line), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", nargs="+", choices=("moe", "dense"), default=["moe", "dense"])
+    parser.add_argument("--vocab", nargs="+", type=int, default=[512, 32064])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    for kind in args.model:
+        for vocab in args.vocab:
+            run(kind, vocab, args.repeats)
 
 
 if __name__ == "__main__":
