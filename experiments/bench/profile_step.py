@@ -2,11 +2,13 @@
 durations grouped by the jaxmoe source line each XLA op came from.
 
 The trace (`jax.profiler.trace(..., create_perfetto_trace=True)`) holds one event per XLA:CPU thunk (a fusion, a
-dot, a loop). The compiled HLO names every op with the source file and line of the jax call that made it
-(`metadata={... source_file=... source_line=...}`); this script joins the two, sums the time of each op over the
+dot, a loop). The compiled HLO gives every op a `stack_frame_id` into its FileNames / FunctionNames /
+FileLocations / StackFrames tables, the Python stack of the jax call that made it; this script joins the two, sums the time of each op over the
 traced steps, divides by the step count, and groups the result into the parts of the step named in issue 15:
 attention, router, dispatch/combine, experts, MLP, norms, RoPE, embeddings / LM head, loss, optimizer. A while
-loop's own event covers its body's ops, so only leaf ops are counted. The host-side time per step is the wall time
+loop's or conditional's own event covers its body's ops, so only leaf ops are counted. It lowers the step's
+private jitted function (`loop._train_step`, `generate._generate_compiled`) to read the compiled HLO: a
+profiling aid, tied to those internals. The host-side time per step is the wall time
 of a step minus the device-side sum.
 
     python experiments/bench/profile_step.py train --model moe --vocab 512 [--steps 3] [--top 25]
