@@ -9,6 +9,7 @@ from flax import nnx
 from jaxmoe.config import ModelConfig
 from jaxmoe.models.outputs import CausalLMOutput
 from jaxmoe.nn.attention import Attention, AttentionMask, KVCache
+from jaxmoe.nn.lm_loss import OutputHead
 from jaxmoe.nn.mlp import GatedMLP
 from jaxmoe.moe.layer import SparseMoeBlock
 from jaxmoe.moe.router import expert_load, load_balancing_loss, router_z_loss
@@ -107,10 +108,18 @@ class Phi3ForCausalLM(nnx.Module):
         return KVCache.create(num_layers=c.num_layers, batch=batch, max_len=max_len, num_kv_heads=c.num_kv_heads,
                               head_dim=c.head_dim, dtype=dtype or self.dtype)
 
+    def output_head(self) -> OutputHead:
+        """The projection from the final normed hidden states to the logits: the embedding table [v, d] when
+        the embeddings are tied, else lm_head's kernel [d, v] and bias."""
+        if self.lm_head is None:
+            return OutputHead(self.embed_tokens.embedding[...], None, "vd")
+        bias = None if self.lm_head.bias is None else self.lm_head.bias[...]
+        return OutputHead(self.lm_head.kernel[...], bias, "dv")
+
     @on_auto_axes  # a mesh with Explicit axes: see jaxmoe.sharding
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  segment_ids=None, cache: KVCache | None = None, logits_to_keep: int = 0,
-                 rngs: nnx.Rngs | None = None) -> CausalLMOutput:
+                 return_hidden: bool = False, rngs: nnx.Rngs | None = None) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
 
         inputs_embeds: optional float [b, t, hidden] used instead of embedding input_ids (multimodal models
@@ -123,7 +132,9 @@ class Phi3ForCausalLM(nnx.Module):
         a token attends only to its own segment; not with `cache`. With `cache`, this call's tokens go
         into slots cache.index ... cache.index + t - 1 and attend to everything cached before them.
         logits_to_keep > 0 computes logits for the last that many positions only ([b, logits_to_keep, vocab]),
-        as transformers does; generation's prefill needs just the last one. `rngs` feeds the MoE routers'
+        as transformers does; generation's prefill needs just the last one. return_hidden=True returns the final
+        normed hidden states [b, t, d] as `hidden_states` instead of the logits (None), for a loss that applies
+        `output_head()` itself (training's fused cross-entropy, jaxmoe.nn.lm_loss). `rngs` feeds the MoE routers'
         sampling and jitter in training mode (`model.train()`).
         """
         if input_ids is None and inputs_embeds is None:
@@ -152,6 +163,7 @@ class Phi3ForCausalLM(nnx.Module):
             segment_ids = jnp.asarray(segment_ids)
             if segment_ids.shape != (b, t):
                 raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected input_ids' {(b, t)}")
+        positions_given = positions
         if positions is None:
             positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
             if segment_ids is not None:
@@ -165,7 +177,10 @@ class Phi3ForCausalLM(nnx.Module):
             k_positions = positions
         else:
             k_positions = jax.lax.dynamic_update_slice(cache.positions_bs, positions, (0, cache.index))
-        mask = AttentionMask(positions, k_positions, segment_ids, self.config.sliding_window)
+        # Positions counted here rise with the column within each segment, so a later column is never attended
+        # to: the blocked attention path may skip the tiles above the diagonal.
+        mask = AttentionMask(positions, k_positions, segment_ids, self.config.sliding_window,
+                             causal_columns=cache is None and positions_given is None)
         cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -183,17 +198,12 @@ class Phi3ForCausalLM(nnx.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.embedding[...].astype(x.dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
-                                preferred_element_type=jnp.float32)
-            if self.lm_head.bias is not None:
-                logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions_bs=k_positions, index=cache.index + t)
-        out = CausalLMOutput(logits=logits.astype(jnp.float32), cache=cache)
+        if return_hidden:
+            out = CausalLMOutput(logits=None, hidden_states=x, cache=cache)
+        else:
+            out = CausalLMOutput(logits=self.output_head().logits(x), cache=cache)
         if routings:
             out = out.replace(**routing_losses(routings, valid, self.config.moe))
         return out

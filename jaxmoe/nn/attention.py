@@ -100,12 +100,17 @@ class AttentionMask:
 
     q_positions_bt int32 [b, t], k_positions_bs int32 [b, s] (-1: padding or an empty cache slot),
     segment_ids_bt optional int [b, t] (packed rows; then s == t), sliding_window a static int or None.
+
+    causal_columns (static) promises that a key in a later column than its query is hidden: queries and keys
+    are the same t tokens (s == t, no cache) and positions rise with the column within each segment, as the
+    positions a model counts itself do. `blocked_attention` then skips the tiles above the diagonal.
     """
 
     q_positions_bt: jax.Array
     k_positions_bs: jax.Array
     segment_ids_bt: jax.Array | None = None
     sliding_window: int | None = struct.field(pytree_node=False, default=None)
+    causal_columns: bool = struct.field(pytree_node=False, default=False)
 
     def dense(self) -> jax.Array:
         """bool [b, t, s], the whole mask."""
@@ -130,8 +135,10 @@ def blocked_attention(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, block_q: i
     """`dot_product_attention(q, k, v, mask.dense())` without the [b, heads, t, s] scores: a scan over query
     blocks, inside it a scan over key blocks with an online softmax (running max and sum per query). A custom VJP
     recomputes each tile's probabilities from the saved row max and sum (flash-attention's backward), so the
-    gradient needs no [t, s] tensor either. Every tile is computed, hidden ones included: skipping them would
-    need a predicate reduced over the batch, which under a sharded batch is an all-reduce per tile.
+    gradient needs no [t, s] tensor either. With `mask.causal_columns` the tiles above the diagonal (key block
+    starting after the query block's last column) are skipped, a predicate of the block indices alone; other
+    tiles are all computed, hidden ones included: skipping them by the mask would need a predicate reduced over
+    the batch, which under a sharded batch is an all-reduce per tile.
 
     q [b, t, n, h], k [b, kv, h, s], v [b, kv, s, h] (the KV cache layouts); returns [b, t, n, h] in v's dtype.
     Scores, softmax statistics and accumulators are fp32. t and s need not be multiples of the blocks: the
@@ -147,6 +154,9 @@ def blocked_attention(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, block_q: i
                          "q [b, t, n, h], k [b, kv, h, s], v [b, kv, s, h] with kv dividing n")
     if mask.segment_ids_bt is not None and s != t:
         raise ValueError(f"blocked_attention: segment_ids with {t} queries and {s} keys; packed rows need s == t")
+    if mask.causal_columns and s != t:
+        raise ValueError(f"blocked_attention: causal_columns with {t} queries and {s} keys; it holds only for a "
+                         "row's own tokens (s == t, no KV cache)")
     bq, bk = min(block_q, t), min(block_k, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     q_pos = jnp.pad(mask.q_positions_bt.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
@@ -159,7 +169,8 @@ def blocked_attention(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, block_q: i
     q = jnp.pad(q_btnh, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     k = jnp.pad(k_bkhs, ((0, 0), (0, 0), (0, 0), (0, sp - s)))
     v = jnp.pad(v_bksh, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
-    out = _blocked(q, k, v, q_pos, k_pos, q_seg, k_seg, _Blocking(bq, bk, s, mask.sliding_window))
+    cfg = _Blocking(bq, bk, s, mask.sliding_window, mask.causal_columns)
+    out = _blocked(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg)
     return out[:, :t]
 
 
@@ -171,6 +182,13 @@ class _Blocking:
     block_k: int = struct.field(pytree_node=False)
     num_keys: int = struct.field(pytree_node=False)
     sliding_window: int | None = struct.field(pytree_node=False)
+    causal_columns: bool = struct.field(pytree_node=False)
+
+    def visible(self, q_block, k_block) -> jax.Array:
+        """bool []: whether tile (q_block, k_block) can hold a visible pair (always, unless causal_columns)."""
+        if not self.causal_columns:
+            return jnp.bool_(True)
+        return k_block * self.block_k <= q_block * self.block_q + self.block_q - 1
 
 
 def _tile_mask(q_pos_bq, q_seg_bq, k_pos_bk, k_seg_bk, window) -> jax.Array:
@@ -217,10 +235,10 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg: _Blocking):
     mean_v = _mean_values(v, cfg)[:, :, None, None, :]  # [b, kv, 1, 1, h]
 
     def query_block(_, q_xs):
-        q_blk, q_pos_blk, q_seg_blk = q_xs
+        qi, q_blk, q_pos_blk, q_seg_blk = q_xs
         q_blk = q_blk.astype(jnp.float32)  # [b, kv, g, bq, h]
 
-        def key_block(carry, k_xs):
+        def tile_update(carry, k_xs):
             m, l, acc = carry
             k_blk, v_blk, k_pos_blk, k_seg_blk = k_xs
             tile = _tile_mask(q_pos_blk, q_seg_blk, k_pos_blk, k_seg_blk, cfg.sliding_window)[:, None, None]
@@ -232,16 +250,20 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg: _Blocking):
             rescale = jnp.exp(m - m_safe)
             l = l * rescale + p.sum(axis=-1)
             pv = jnp.einsum("bkgqs,bksh->bkgqh", p, v_blk.astype(jnp.float32))
-            return (m_new, l, acc * rescale[..., None] + pv), None
+            return m_new, l, acc * rescale[..., None] + pv
+
+        def key_block(carry, k_xs):
+            ki, *tile_xs = k_xs
+            return jax.lax.cond(cfg.visible(qi, ki), tile_update, lambda c, _: c, carry, tile_xs), None
 
         stats = jnp.full(q_blk.shape[:-1], -jnp.inf, jnp.float32)
         init = (stats, jnp.zeros_like(stats), jnp.zeros_like(q_blk))
-        (m, l, acc), _ = jax.lax.scan(key_block, init, keys)
+        (m, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(len(keys[0])), *keys))
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], mean_v)
         return None, (out.astype(v.dtype), jnp.where(seen, m, 0.0), l)
 
-    q_xs = (q_blocks, _block_rows(q_pos, cfg), _block_rows(q_seg, cfg))
+    q_xs = (jnp.arange(len(q_blocks)), q_blocks, _block_rows(q_pos, cfg), _block_rows(q_seg, cfg))
     _, (out_blocks, m_blocks, l_blocks) = jax.lax.scan(query_block, None, q_xs)
     out = _unblock_q(out_blocks, q.shape)
     # The backward keeps the output itself (no copy beyond the one returned) and the row statistics.
@@ -270,11 +292,11 @@ def _blocked_bwd(cfg: _Blocking, residuals, d_out):
 
     def query_block(carry, q_xs):
         dk_acc, dv_acc = carry
-        q_blk, q_pos_blk, q_seg_blk, do_blk, m_blk, l_blk, delta_blk = q_xs
+        qi, q_blk, q_pos_blk, q_seg_blk, do_blk, m_blk, l_blk, delta_blk = q_xs
         q_blk, do_blk = q_blk.astype(jnp.float32), do_blk.astype(jnp.float32)
         inv_l = jnp.where(l_blk > 0, 1.0 / jnp.where(l_blk > 0, l_blk, 1.0), 0.0)
 
-        def key_block(dq, k_xs):
+        def tile_grads(dq, k_xs):
             k_blk, v_blk, k_pos_blk, k_seg_blk = k_xs
             tile = _tile_mask(q_pos_blk, q_seg_blk, k_pos_blk, k_seg_blk, cfg.sliding_window)[:, None, None]
             k32, v32 = k_blk.astype(jnp.float32), v_blk.astype(jnp.float32)
@@ -285,15 +307,23 @@ def _blocked_bwd(cfg: _Blocking, residuals, d_out):
             dk = jnp.einsum("bkgqs,bkgqh->bkhs", ds, q_blk)
             return dq + jnp.einsum("bkgqs,bkhs->bkgqh", ds, k32), (dk, dv)
 
-        dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros_like(q_blk), keys)
+        def hidden_tile(dq, k_xs):
+            k_blk, v_blk = k_xs[:2]
+            return dq, (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
+
+        def key_block(dq, k_xs):
+            ki, *tile_xs = k_xs
+            return jax.lax.cond(cfg.visible(qi, ki), tile_grads, hidden_tile, dq, tile_xs)
+
+        dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros_like(q_blk), (jnp.arange(len(keys[0])), *keys))
         # Queries that saw no key: out = mean of the real values.
         unseen = (l_blk == 0).astype(jnp.float32)[..., None]
         dv_mean = jnp.sum(unseen * do_blk, axis=(2, 3)) / cfg.num_keys  # [b, kv, h]
         return (dk_acc + dk, dv_acc + dv), (dq.astype(q.dtype), dv_mean)
 
     zeros_k, zeros_v = (jnp.zeros(x.shape, jnp.float32) for x in keys[:2])
-    q_xs = (q_blocks, _block_rows(q_pos, cfg), _block_rows(q_seg, cfg), _block_q(d_out, kv, cfg), m_blocks, l_blocks,
-            delta_blocks)
+    q_xs = (jnp.arange(len(q_blocks)), q_blocks, _block_rows(q_pos, cfg), _block_rows(q_seg, cfg),
+            _block_q(d_out, kv, cfg), m_blocks, l_blocks, delta_blocks)
     (dk_blocks, dv_blocks), (dq_blocks, dv_mean) = jax.lax.scan(query_block, (zeros_k, zeros_v), q_xs)
     nk = dk_blocks.shape[0]
     dq = _unblock_q(dq_blocks, q.shape)

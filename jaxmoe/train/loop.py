@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxmoe.nn.lm_loss import OutputHead, fused_cross_entropy
 from jaxmoe.nn.tokens import greedy_tokens
 from jaxmoe.sharding import on_auto_axes
 
-__all__ = ["Batch", "TrainConfig", "current_learning_rate", "evaluate", "learning_rate_schedule", "make_optimizer",
-           "next_token_loss", "next_token_stats", "train_step"]
+__all__ = ["Batch", "TrainConfig", "clip_by_global_norm", "current_learning_rate", "evaluate", "learning_rate_schedule",
+           "make_optimizer", "next_token_loss", "next_token_stats", "next_token_stats_from_hidden", "train_step"]
 
 
 class Batch(NamedTuple):
@@ -81,11 +82,26 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
         boundaries=[config.warmup_steps])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` as one scalar factor, min(1, max_norm / norm), times every gradient: the same
+    values (exactly the gradients below the threshold, within an ulp above), but a multiply by a scalar that XLA
+    fuses into AdamW's moment updates, where optax's per-element select makes a clipped copy of every gradient.
+    An AdamW step over 52 M fp32 parameters on the 2-core benchmark CPU: 136 ms against 216 ms (BENCHMARKS.md,
+    issue 15). Its state is optax's (EmptyState), so checkpoints load either way."""
+    def update(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _adamw_clipped(learning_rate, *, config: TrainConfig) -> optax.GradientTransformation:
     # Weight decay on matrices only: decaying norm gains towards 0 would fight their role as scales.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
+        clip_by_global_norm(config.clip_norm),
         optax.adamw(learning_rate, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask),
     )
 
@@ -150,13 +166,32 @@ def next_token_stats(logits_btv: jax.Array, batch: Batch) -> dict[str, jax.Array
             "correct": jnp.sum(correct_bt.astype(jnp.float32))}
 
 
+def next_token_stats_from_hidden(hidden_btd: jax.Array, head: OutputHead, batch: Batch) -> dict[str, jax.Array]:
+    """next_token_stats of the logits head.logits(hidden_btd), computed without them (jaxmoe.nn.lm_loss: over a
+    large vocabulary, chunk by chunk, the gradient made in the forward pass).
+
+    hidden_btd: float [b, t, d], a model's final normed hidden states (`return_hidden=True`) for
+    batch.input_ids int [b, t]; head: the model's `output_head()`. Returns what next_token_stats returns.
+    """
+    b, t, d = hidden_btd.shape
+    if (b, t) != tuple(batch.input_ids.shape):
+        raise ValueError(f"next_token_stats_from_hidden: hidden states have shape {tuple(hidden_btd.shape)} but "
+                         f"input_ids have {tuple(batch.input_ids.shape)}; expected the model's hidden states "
+                         "[batch, time, d] for those ids")
+    # Every position goes in, the last one with weight 0 (it predicts nothing): hidden_btd[:, :-1] would copy the
+    # hidden states, and t - 1 rows split into chunks less evenly.
+    targets_bt = jnp.pad(batch.input_ids[:, 1:], ((0, 0), (0, 1)))
+    weights_bt = jnp.pad(_target_weights(batch), ((0, 0), (0, 1)))
+    return fused_cross_entropy(hidden_btd.reshape(b * t, d), head, targets_bt.reshape(-1), weights_bt.reshape(-1))
+
+
 def _objective(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, *, token_total, micro_batches: int
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed cross-entropy / token_total + the MoE losses / micro_batches: summed over the micro-batches of a
     step this is exactly the whole batch's loss. Returns (objective, stats)."""
     out = model(batch.input_ids, attention_mask=batch.attention_mask, segment_ids=batch.segment_ids,
-                positions=batch.positions, rngs=rngs)
-    stats = next_token_stats(out.logits, batch)
+                positions=batch.positions, return_hidden=True, rngs=rngs)
+    stats = next_token_stats_from_hidden(out.hidden_states, model.output_head(), batch)
     objective = stats["loss_sum"] / jnp.maximum(token_total, 1.0)
     if out.aux_loss is not None:
         moe = model.config.moe
@@ -257,10 +292,15 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs:
             return _objective(nnx.merge(graphdef, trained, rest), mb, step_rngs, token_total=token_total,
                               micro_batches=micro_batches)
         (_, stats), g = jax.value_and_grad(objective, has_aux=True)(trained)
-        return jax.tree.map(jnp.add, grads, g), stats
+        return (g if grads is None else jax.tree.map(jnp.add, grads, g)), stats
 
-    zeros = jax.tree.map(jnp.zeros_like, trained)
-    grads, stats = jax.lax.scan(micro_step, zeros, (jnp.arange(micro_batches), batch))
+    if micro_batches == 1:
+        # No accumulator: zero-filling one and adding the gradients to it are two passes over every parameter.
+        grads, stats = micro_step(None, (jnp.zeros((), jnp.int32), jax.tree.map(lambda x: x[0], batch)))
+        stats = jax.tree.map(lambda x: x[None], stats)
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, trained)
+        grads, stats = jax.lax.scan(micro_step, zeros, (jnp.arange(micro_batches), batch))
     optimizer.update(model, grads)
     if layout is not None:
         _keep_layout(model, optimizer, layout)

@@ -41,7 +41,7 @@ from flax import nnx
 from jaxmoe.models.phi4mm.model import ADAPTERS, MODE_ADAPTER, Phi4MultimodalForCausalLM
 from jaxmoe.models.phi4mm.vision import num_image_tokens
 from jaxmoe.nn.multi_lora import adapter_names
-from jaxmoe.train.loop import Batch, TrainConfig, current_learning_rate, make_optimizer, next_token_stats
+from jaxmoe.train.loop import Batch, TrainConfig, current_learning_rate, make_optimizer, next_token_stats_from_hidden
 
 __all__ = ["MMBatch", "TRAINABLE", "frozen_state", "make_mm_optimizer", "mm_train_step", "trainable_state"]
 
@@ -271,8 +271,8 @@ def _mm_step(model: Phi4MultimodalForCausalLM, optimizer: nnx.Optimizer, traced:
                     image_attention_mask=constants["image_attention_mask"],
                     audio_input_features=traced["audio_input_features"],
                     audio_embed_sizes=constants["audio_embed_sizes"],
-                    audio_attention_mask=traced["audio_attention_mask"])
-        stats = next_token_stats(out.logits, targets)
+                    audio_attention_mask=traced["audio_attention_mask"], return_hidden=True)
+        stats = next_token_stats_from_hidden(out.hidden_states, model.output_head(), targets)
         return stats["loss_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
 
     (loss, stats), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, TRAINABLE),

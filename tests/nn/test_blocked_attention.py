@@ -40,11 +40,13 @@ def _assert_blocked_equals_dense(q, k, v, mask, rng, **blocks):
         assert np.abs(np.asarray(g) - np.asarray(w)).max() <= TOL, name
 
 
+@pytest.mark.parametrize("causal_columns", [False, True])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("packed", [False, True])
-def test_blocked_equals_dense_with_padding_windows_and_segments(window, packed, rng):
+def test_blocked_equals_dense_with_padding_windows_and_segments(window, packed, causal_columns, rng):
     """GQA (6 heads on 2 KV heads), left padding (rows that see no key at all), 37 tokens in blocks of 8 x 16
-    (both tails padded), with and without a sliding window and packed segments."""
+    (both tails padded), with and without a sliding window and packed segments, and with the tiles above the
+    diagonal skipped (causal_columns: these positions rise with the column in each segment)."""
     b, t, n, kv, h = 2, 37, 6, 2, 8
     q, k, v = _inputs(rng, b, t, t, n, kv, h)
     valid = np.ones((b, t), bool)
@@ -59,8 +61,25 @@ def test_blocked_equals_dense_with_padding_windows_and_segments(window, packed, 
         positions[1, 30:] -= positions[1, 30]
         segments = jnp.asarray(segments)
     positions = jnp.asarray(positions, jnp.int32)
-    mask = AttentionMask(positions, positions, segments, window)
+    mask = AttentionMask(positions, positions, segments, window, causal_columns=causal_columns)
     _assert_blocked_equals_dense(q, k, v, mask, rng, block_q=8, block_k=16)
+
+
+def test_causal_columns_skips_the_tiles_above_the_diagonal(rng):
+    """Positions that fall with the column break the causal_columns promise: every query then sees only later
+    columns, so with the promise the blocked path skips exactly those tiles and the answer changes (it differs
+    from dense), while without it the blocked path still equals dense. A cache (s != t) is refused."""
+    b, t, n, kv, h = 1, 32, 2, 1, 8
+    q, k, v = _inputs(rng, b, t, t, n, kv, h)
+    falling = jnp.asarray(np.arange(t)[::-1].copy(), jnp.int32)[None]
+    dense = dot_product_attention(q, k, v, AttentionMask(falling, falling).dense())
+    blocked = lambda promise: blocked_attention(q, k, v, AttentionMask(falling, falling, causal_columns=promise),  # noqa: E731
+                                                block_q=8, block_k=8)
+    np.testing.assert_allclose(np.asarray(blocked(False)), np.asarray(dense), rtol=0, atol=TOL)
+    assert np.abs(np.asarray(blocked(True)) - np.asarray(dense)).max() > 0.1
+    q_pos = jnp.arange(4, dtype=jnp.int32)[None]
+    with pytest.raises(ValueError, match="causal_columns with 4 queries and 32 keys"):
+        blocked_attention(q[:, :4], k, v, AttentionMask(q_pos, falling, causal_columns=True), block_q=8, block_k=8)
 
 
 def test_blocked_equals_dense_over_a_kv_cache(rng):

@@ -272,3 +272,51 @@ def test_linear_schedule_warms_up_then_decays_linearly():
     assert [round(float(schedule(s)), 6) for s in (0, 5, 10, 60, 110)] == [0.0, 0.5, 1.0, 0.55, 0.1]
     with pytest.raises(ValueError, match="schedule='step'"):
         TrainConfig(schedule="step")
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_equals_optax_clip_by_global_norm_below_and_above_the_threshold(max_norm, rng):
+    """The scalar-factor clip the optimizer uses gives optax's clipped gradients: unchanged below max_norm (the
+    tree's norm is about 8 here), scaled to norm max_norm above it."""
+    from jaxmoe.train.loop import clip_by_global_norm
+
+    grads = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), "b": jnp.asarray(rng.normal(size=(6,)))}
+    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    for key in grads:
+        np.testing.assert_allclose(np.asarray(ours[key]), np.asarray(want[key]), rtol=2e-7, atol=0)
+    assert float(optax.global_norm(ours)) == pytest.approx(min(max_norm, float(optax.global_norm(grads))), rel=1e-6)
+
+
+@pytest.mark.parametrize("head, wrt", [("tied", nnx.Param), ("untied_bias", nnx.Param), ("tied", nnx.LoRAParam)],
+                         ids=["tied", "untied_bias", "lora_only"])
+def test_a_step_takes_the_gradient_of_the_cross_entropy_of_the_models_logits(head, wrt, rng):
+    """train_step's loss never holds the logits (jaxmoe.nn.lm_loss); its loss, accuracy and gradient (plain SGD
+    at rate 1: the parameter change) are those of next_token_stats on the model's logits, by autodiff. The rows
+    end in greedy continuations, so the accuracy counts hits."""
+    config = CONFIG if head == "tied" else CONFIG.replace(tie_word_embeddings=False, lm_head_bias=True)
+    model = jaxmoe.Phi3ForCausalLM(config, rngs=nnx.Rngs(0))
+    if wrt is nnx.LoRAParam:
+        jaxmoe.nn.lora.apply_lora(model, jaxmoe.nn.lora.LoRAConfig(rank=2), rngs=nnx.Rngs(1))
+    batch = right_padded_batch(rng, [10, 7, 10], 10)
+    ids = np.asarray(batch.input_ids).copy()
+    for j in range(4, 9):
+        ids[:, j + 1] = np.where(np.asarray(batch.loss_mask)[:, j + 1] > 0,
+                                 np.asarray(logits_of(model, jnp.asarray(ids)))[:, j].argmax(-1), ids[:, j + 1])
+    batch = batch._replace(input_ids=jnp.asarray(ids))
+
+    def objective(model):
+        stats = next_token_stats(model(batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+        return stats["loss_sum"] / stats["tokens"], stats
+
+    (loss, stats), grads = nnx.jit(nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True))(model)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, wrt)))  # copied: the step donates them
+    sgd = nnx.Optimizer(model, optax.inject_hyperparams(optax.sgd)(learning_rate=1.0), wrt=wrt)
+    metrics = train_step(model, sgd, batch)
+    assert float(stats["correct"]) >= 5
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    assert float(metrics["accuracy"]) == pytest.approx(float(stats["correct"] / stats["tokens"]), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-5)
+    changes = jax.tree.map(lambda b, a: b - np.asarray(a), before, nnx.to_pure_dict(nnx.state(model, wrt)))
+    for change, grad in zip(jax.tree.leaves(changes), jax.tree.leaves(nnx.to_pure_dict(grads))):
+        np.testing.assert_allclose(change, np.asarray(grad), rtol=0, atol=1e-6)

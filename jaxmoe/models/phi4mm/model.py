@@ -27,6 +27,7 @@ from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phi4mm.audio import AudioConfig, AudioEmbedding
 from jaxmoe.models.phi4mm.vision import ImageEmbedding, VisionConfig
 from jaxmoe.nn.attention import KVCache
+from jaxmoe.nn.lm_loss import OutputHead
 from jaxmoe.nn.multi_lora import adapter_names, select_adapters
 
 __all__ = ["ADAPTERS", "InputMode", "MM_PRESETS", "MODE_ADAPTER", "Phi4MMConfig", "Phi4MultimodalForCausalLM",
@@ -137,6 +138,10 @@ class Phi4MultimodalForCausalLM(nnx.Module):
         """An empty KV cache for the language model (see Phi3ForCausalLM.init_cache)."""
         return self.language_model.init_cache(batch, max_len, dtype)
 
+    def output_head(self) -> OutputHead:
+        """The language model's projection to the logits (see Phi3ForCausalLM.output_head)."""
+        return self.language_model.output_head()
+
     def _splice(self, x_btd, is_ph_bt, features_nd, what: str, hint: str):
         """x with the rows at the placeholders replaced, in order, by features_nd [n, d]."""
         n = features_nd.shape[0]
@@ -161,7 +166,7 @@ class Phi4MultimodalForCausalLM(nnx.Module):
     def __call__(self, input_ids, *, image_pixel_values=None, image_sizes=None, image_attention_mask=None,
                  audio_input_features=None, audio_embed_sizes=None, audio_attention_mask=None, attention_mask=None,
                  input_mode=None, positions=None, cache: KVCache | None = None, logits_to_keep: int = 0,
-                 rngs: nnx.Rngs | None = None) -> CausalLMOutput:
+                 return_hidden: bool = False, rngs: nnx.Rngs | None = None) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
 
         The image and audio keywords are transformers' (the processor's outputs, NumPy or JAX arrays):
@@ -174,7 +179,7 @@ class Phi4MultimodalForCausalLM(nnx.Module):
 
         input_mode: optional InputMode for the whole batch or int [b] per row; by default each row's mode follows
         from its placeholders. It selects the row's LoRA adapter (none, "vision" or "speech"). attention_mask,
-        positions, cache, logits_to_keep and rngs as in Phi3ForCausalLM.
+        positions, cache, logits_to_keep, return_hidden and rngs as in Phi3ForCausalLM.
         """
         c = self.config
         ids = jnp.asarray(input_ids)
@@ -220,4 +225,5 @@ class Phi4MultimodalForCausalLM(nnx.Module):
                      if adapter_names(self.language_model) else contextlib.nullcontext())
         with selection:
             return self.language_model(ids, inputs_embeds=x, attention_mask=attention_mask, positions=positions,
-                                       cache=cache, logits_to_keep=logits_to_keep, rngs=rngs)
+                                       cache=cache, logits_to_keep=logits_to_keep, return_hidden=return_hidden,
+                                       rngs=rngs)
