@@ -35,4 +35,6 @@ def test_quickstart_notebook_runs_top_to_bottom():
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.splitlines()[-1])
-    assert outcome["reloaded"] and outcome["chrf"] > 30  # trained, then saved and reloaded
+    # Trained, then saved and reloaded. The untrained model scores chrF about 11; 300 steps give 29.9-31.4 depending
+    # on rounding (the same run with clipping by one factor instead of optax's select), so the bar sits between.
+    assert outcome["reloaded"] and outcome["chrf"] > 25
