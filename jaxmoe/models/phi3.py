@@ -163,8 +163,8 @@ class Phi3ForCausalLM(nnx.Module):
             segment_ids = jnp.asarray(segment_ids)
             if segment_ids.shape != (b, t):
                 raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected input_ids' {(b, t)}")
-        positions_given = positions
-        if positions is None:
+        counted_positions = positions is None
+        if counted_positions:
             positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
             if segment_ids is not None:
                 # Restart the count at each segment: subtract the count reached just before the segment starts.
@@ -180,7 +180,7 @@ class Phi3ForCausalLM(nnx.Module):
         # Positions counted here rise with the column within each segment, so a later column is never attended
         # to: the blocked attention path may skip the tiles above the diagonal.
         mask = AttentionMask(positions, k_positions, segment_ids, self.config.sliding_window,
-                             causal_columns=cache is None and positions_given is None)
+                             causal_columns=cache is None and counted_positions)
         cos, sin = rope_cos_sin(self.config, positions, valid, self.dtype)
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)

@@ -148,7 +148,8 @@ def _scan_chunks(layout, chunk, x_nd, weight, bias, targets_n, weights_n, *, gra
         logits_kv = _project(x_kd, w, bias, layout)
         max_k = jnp.max(logits_kv, axis=-1, keepdims=True)
         shifted_kv = logits_kv - max_k
-        sum_exp_k = jnp.sum(jnp.exp(shifted_kv), axis=-1, keepdims=True)
+        exp_kv = jnp.exp(shifted_kv)
+        sum_exp_k = jnp.sum(exp_kv, axis=-1, keepdims=True)
         onehot_kv = jnp.arange(vocab, dtype=t_k.dtype) == t_k[:, None]
         nll_k = jnp.log(sum_exp_k[:, 0]) - jnp.sum(jnp.where(onehot_kv, shifted_kv, 0.0), axis=-1)
         hits_k = (greedy_tokens(logits_kv) == t_k) & (wt_k > 0)
@@ -156,7 +157,7 @@ def _scan_chunks(layout, chunk, x_nd, weight, bias, targets_n, weights_n, *, gra
         carry = (loss_sum + jnp.sum(nll_k * wt_k), correct + jnp.sum(hits_k.astype(jnp.float32)), dw, db)
         if not (grad_x or grad_w or grad_b):
             return carry, None
-        dlogits_kv = (jnp.exp(shifted_kv) / sum_exp_k - onehot_kv) * wt_k[:, None]
+        dlogits_kv = (exp_kv / sum_exp_k - onehot_kv) * wt_k[:, None]
         dlogits_c = dlogits_kv.astype(x_kd.dtype)
         dx_kd = None
         if grad_x:
