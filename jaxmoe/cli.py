@@ -82,7 +82,7 @@ def _build_parser() -> _Parser:
 
     tr = commands.add_parser(
         "translate", help="translate a file line by line with a trained model, in batches",
-        description="Greedy translation of each line of --src with a checkpoint folder (config.json, safetensors, "
+        description="Greedy or beam-search translation of each line of --src with a checkpoint folder (config.json, safetensors, "
                     "tokenizer.json), using the training prompt format; writes one line per source to --out.")
     tr.add_argument("--model", type=Path, required=True, help="checkpoint folder (e.g. a run's model/)")
     tr.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
@@ -93,6 +93,11 @@ def _build_parser() -> _Parser:
                     help="prompt template with {src}, {src_lang}, {tgt_lang} (default: the ALMA prompt)")
     tr.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: %(default)s")
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="default: %(default)s")
+    tr.add_argument("--num-beams", type=_positive_int, default=1, help="1: greedy (default); more: beam search")
+    tr.add_argument("--length-penalty", type=float, default=1.0,
+                    help="beam search: hypotheses scored by log-prob / length ** this (default: %(default)s)")
+    tr.add_argument("--cut-at-newline", action="store_true",
+                    help="keep each translation's first non-empty line only (ALMA's decoding)")
 
     gen = commands.add_parser(
         "generate", help="generate text from a Hugging Face checkpoint folder",
@@ -159,7 +164,9 @@ def _run_translate(args) -> int:
     model = load_model(args.model)
     translations = translate_file(model, tokenizer, args.src, args.out,
                                   prompt=lambda s: prompt.render(s, args.src_lang, args.tgt_lang),
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                  cut_at_newline=args.cut_at_newline)
     print(f"wrote {len(translations)} translations to {args.out}", file=sys.stderr)
     return 0
 

@@ -1,4 +1,5 @@
-"""Batched text generation: prefill into a preallocated KV cache, then one jit-compiled decode loop.
+"""Batched text generation: prefill into a preallocated KV cache, then one jit-compiled decode loop (greedy or
+sampled here; beam search in jaxmoe.infer.beam).
 
 The loop follows transformers' `generate` step for step (greedy parity is tested token for token), including
 Phi-3's LongRoPE switch: the first time the sequence reaches `original_max_position_embeddings + 1` tokens,
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from jaxmoe.infer.beam import beam_search, check_beam_arguments
 from jaxmoe.nn.tokens import check_token_ids, greedy_tokens
 from jaxmoe.sharding import on_auto_axes
 
@@ -146,8 +148,11 @@ def _checked_mask(attention_mask, shape) -> np.ndarray:
 def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None, rngs: nnx.Rngs | None = None,
              attention_mask=None, pad_token_id: int | None = None, max_length: int | None = None,
-             stream_callback: Callable[[int, np.ndarray], None] | None = None) -> jax.Array:
-    """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b, t + max_new_tokens].
+             stream_callback: Callable[[int, np.ndarray], None] | None = None, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping: bool | str = False,
+             num_return_sequences: int = 1) -> jax.Array:
+    """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b * num_return_sequences,
+    t + max_new_tokens].
 
     Prompts of different lengths are left-padded: `attention_mask` int/bool [b, t] (1 = token, 0 = padding)
     and `pad_token_id` (default: the model config's, else 0). The result is the prompt followed by the new
@@ -157,6 +162,16 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     `top_k` and `top_p` filters, with keys from `rngs` (default nnx.Rngs(0)). `max_length` sets the cache
     size (default t + max_new_tokens). `stream_callback(step, tokens int32 [b])` is called for every
     generated step, in order, from inside the compiled loop.
+
+    `num_beams > 1` is beam search (jaxmoe.infer.beam), token for token transformers' `generate(...,
+    num_beams=..., do_sample=False)`: rows num_return_sequences * i ... of the result are prompt i's best
+    `num_return_sequences` (<= num_beams) finished hypotheses, best first, scored as sum of log-probabilities /
+    generated_length ** `length_penalty` (> 0 favours longer ones). `early_stopping` has transformers' meanings:
+    True ends a prompt's search once num_beams hypotheses have finished; False stops once the best running beam,
+    scored at its current length, cannot beat the worst finished one; "never" scores it at max_new_tokens when
+    length_penalty > 0. Beam search needs temperature 0 and takes no stream_callback; with num_beams=1,
+    length_penalty and early_stopping have no effect. Phi-3's LongRoPE switch recomputes every beam's cache, as
+    greedy generation does.
     """
     config = model.config
     ids = np.asarray(input_ids)
@@ -180,6 +195,12 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
         raise ValueError(f"top_k={top_k!r}; expected an integer >= 1, or None for no top-k filter")
     if top_p is not None and not (isinstance(top_p, (int, float, np.floating)) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}; expected a number in (0, 1], or None for no nucleus filter")
+    check_beam_arguments(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                         num_return_sequences=num_return_sequences, temperature=temperature,
+                         vocab_size=config.vocab_size)
+    if num_beams > 1 and stream_callback is not None:
+        raise ValueError(f"stream_callback with num_beams={num_beams}; beam search cannot stream (a step's running "
+                         "beams are not the final tokens): pass num_beams=1 to stream")
     mask = np.ones((b, t), np.int32) if attention_mask is None else _checked_mask(attention_mask, (b, t))
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -188,8 +209,14 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     if eos_token_id is None:
         eos_token_id = config.eos_token_id
     eos = np.asarray([eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id), np.int32).reshape(-1)
+    num_eos = eos.size
     # -1 (never a token) pads the ids to a multiple of 8, so a different number of EOS ids rarely recompiles.
     eos = np.pad(eos, (0, 8 * max(1, -(-eos.size // 8)) - eos.size), constant_values=-1)
+    cache_len = width if max_length is None else int(max_length)
+    if num_beams > 1:
+        return beam_search(model, ids, mask, eos, num_eos, int(pad_token_id), max_new_tokens=int(max_new_tokens),
+                           cache_len=cache_len, num_beams=int(num_beams), length_penalty=float(length_penalty),
+                           early_stopping=early_stopping, num_return_sequences=int(num_return_sequences))
 
     greedy = temperature == 0
     key = jax.random.key(0) if greedy else (rngs if rngs is not None else nnx.Rngs(0))()
@@ -198,7 +225,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
         _generate_compiled, graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key,
         jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos),
         jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
-        cache_len=width if max_length is None else int(max_length), greedy=bool(greedy),
+        cache_len=cache_len, greedy=bool(greedy),
         top_k=None if top_k is None else int(top_k), use_top_p=top_p is not None, stream=stream_callback is not None)
     if stream_callback is None:
         return run()

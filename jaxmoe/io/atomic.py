@@ -7,11 +7,29 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # The advice of writers that take `overwrite=`.
 OVERWRITE_ADVICE = "pass overwrite=True to replace it or choose another path"
+
+
+def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Writes `lines` (each given without its newline) as UTF-8 text with "\n" line ends to `path`, atomically: a
+    temporary file in the same folder, synced, then os.replace. On an error the temporary file is removed and
+    `path` is left as it was."""
+    path = Path(path)
+    temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temp, "x", encoding="utf-8", newline="\n") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

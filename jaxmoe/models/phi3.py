@@ -60,7 +60,7 @@ class DecoderLayer(nnx.Module):
         if isinstance(self.mlp, SparseMoeBlock):
             out, routing = self.mlp(normed, rngs=rngs)
             return h + out, kv, routing
-        return h + self.mlp(normed), kv, None
+        return h + self.mlp(normed, rngs=rngs), kv, None
 
 
 def _rematerialised_layer(layer: DecoderLayer, x_btd, cos, sin, *, mask, kv, index, rngs):

@@ -8,9 +8,7 @@ for the target language (`zh` for Chinese, `ja-mecab` for Japanese, `ko-mecab` f
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
 from jaxmoe.infer.generate import generate
+from jaxmoe.io.atomic import atomic_write_lines
 
 __all__ = ["read_lines", "score", "score_files", "translate", "translate_file"]
 
@@ -118,17 +117,23 @@ def _positive_int(value, name: str) -> int:
 
 
 def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], str], max_new_tokens: int,
-              batch_size: int = 32) -> list[str]:
-    """Greedy translations of `sources`, one stripped str each, in the order given.
+              batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
+              cut_at_newline: bool = False) -> list[str]:
+    """Greedy (num_beams=1) or beam search translations of `sources`, one stripped str each, in the order given.
 
     Each source becomes `prompt(source)`, encoded with the tokenizer's special tokens (e.g. its BOS). Prompts
     are sorted by length into batches of `batch_size` rows, left-padded to a multiple of 16 tokens, and the
     last batch is filled up with a repeated row, so that few shapes are compiled. Each row stops at the
     tokenizer's EOS id or any of the model config's `eos_token_id`, and is decoded without special tokens.
+    `num_beams` and `length_penalty` go to `jaxmoe.generate` (the best hypothesis is kept). `cut_at_newline`
+    keeps only the first line of each stripped output (ALMA's decoding: the translation ends at the first line
+    break; a line break right after the prompt is skipped by the strip).
     """
     sources = _check_segments(sources, "sources")
     batch_size = _positive_int(batch_size, "batch_size")
     max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+    if not isinstance(cut_at_newline, bool):
+        raise TypeError(f"cut_at_newline={cut_at_newline!r}; expected True or False")
     if not sources:
         return []
     config = model.config
@@ -168,17 +173,19 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
         ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
         mask = np.pad(mask, ((0, 0), (extra, 0)))
         tokens = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     eos_token_id=eos_ids, pad_token_id=pad_id))[:, ids.shape[1]:]
+                                     eos_token_id=eos_ids, pad_token_id=pad_id, num_beams=num_beams,
+                                     length_penalty=length_penalty))[:, ids.shape[1]:]
         for source_index, row in zip(members, tokens):
             ends = np.flatnonzero(np.isin(row, eos_ids))
-            outputs[source_index] = tokenizer.decode(row[:ends[0]] if ends.size else row,
-                                                     skip_special_tokens=True).strip()
+            text = tokenizer.decode(row[:ends[0]] if ends.size else row, skip_special_tokens=True).strip()
+            outputs[source_index] = text.split("\n", 1)[0].rstrip() if cut_at_newline else text
     return outputs
 
 
 def translate_file(model, tokenizer, src_path, out_path, *, prompt: Callable[[str], str], max_new_tokens: int,
-                   batch_size: int = 32) -> list[str]:
-    """Translates each line of `src_path` (see `translate`) and writes one line per source to `out_path`,
+                   batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
+                   cut_at_newline: bool = False) -> list[str]:
+    """Translates each line of `src_path` (see `translate`, which takes the decoding settings) and writes one line per source to `out_path`,
     atomically (a temporary file in the same folder, then os.replace). Line breaks inside a translation become
     spaces, so the output stays line-aligned. Returns the translations as written."""
     out_path = Path(out_path)
@@ -187,15 +194,7 @@ def translate_file(model, tokenizer, src_path, out_path, *, prompt: Callable[[st
     sources = read_lines(src_path, what="source file")
     translations = [re.sub(r"\s*[\r\n]+\s*", " ", text)
                     for text in translate(model, tokenizer, sources, prompt=prompt, max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size)]
-    temp = out_path.parent / f".{out_path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temp, "x", encoding="utf-8", newline="\n") as f:
-            f.writelines(text + "\n" for text in translations)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, out_path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+                                          batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty,
+                                          cut_at_newline=cut_at_newline)]
+    atomic_write_lines(out_path, translations)
     return translations

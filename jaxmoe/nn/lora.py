@@ -39,12 +39,14 @@ UNSUPPORTED_TARGETS = {
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LoRAConfig:
-    """rank r and alpha of every adapter (its update is scaled by alpha / r), and the attribute names of the
-    `nnx.Linear` layers to adapt."""
+    """rank r and alpha of every adapter (its update is scaled by alpha / r), the attribute names of the
+    `nnx.Linear` layers to adapt, and the dropout rate on each adapter's input in training mode (PEFT's
+    `lora_dropout`; 0: none)."""
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    dropout: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -54,6 +56,9 @@ class LoRAConfig:
         if isinstance(self.targets, str) or not self.targets:
             raise ValueError(f"LoRAConfig.targets is {self.targets!r}; expected a non-empty tuple of layer names, "
                              "e.g. ('qkv_proj', 'o_proj')")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig.dropout is {self.dropout!r}; expected a number in [0, 1) (PEFT's "
+                             "lora_dropout, e.g. 0.05)")
         for name in self.targets:
             if name in UNSUPPORTED_TARGETS:
                 raise ValueError(f"LoRAConfig.targets contains {name!r}, which cannot be adapted: "
@@ -84,16 +89,27 @@ class LoRALinear(LoRAAdapter):
     """y = base(x) + (x @ lora_a @ lora_b) * alpha / rank, around an existing `nnx.Linear` kept as `.base`.
 
     x [..., in] -> y [..., out]. The adapter (`LoRAAdapter`: float32 matrices, a fresh one a no-op) runs its
-    matmuls in the base's compute dtype.
+    matmuls in the base's compute dtype. With `dropout` > 0 the adapter sees dropout(x) in training mode
+    (`model.train()`; keys from the `rngs` of the call, which the model passes down from its own `rngs`) and x in
+    eval mode, as PEFT's `lora_dropout`; the base layer always sees x.
     """
 
-    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
+    takes_rngs = True
+
+    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs, dropout: float = 0.0):
         self.base = base
         super().__init__(base.in_features, base.out_features, rank=rank, alpha=alpha, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         y = self.base(x)
-        return y + self.update(x, self.base.dtype or y.dtype).astype(y.dtype)
+        adapter_in = x
+        if self.dropout is not None and not self.dropout.deterministic:
+            if rngs is None:
+                raise ValueError(f"a LoRA adapter with dropout {self.dropout.rate} is in training mode but got no "
+                                 "rngs; pass rngs= to the model call (train_step does), or call model.eval()")
+            adapter_in = self.dropout(x, rngs=rngs)
+        return y + self.update(adapter_in, self.base.dtype or y.dtype).astype(y.dtype)
 
     def merged_kernel(self) -> jax.Array:
         """base.kernel + lora_a @ lora_b * scale [in, out], summed in float32, in the kernel's dtype."""
@@ -122,8 +138,15 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> int:
             f"linear layers are {existing} (not adaptable: {sorted(UNSUPPORTED_TARGETS)}; MoE expert weights are "
             "not nnx.Linear). Pass LoRAConfig(targets=...) with names from that list")
     chosen = [(parent, key, linear) for parent, key, linear in linears if key in config.targets]
+    if config.dropout > 0:
+        no_rngs = sorted({key for parent, key, _ in chosen if not getattr(parent, "forwards_rngs", False)})
+        if no_rngs:
+            raise ValueError(f"apply_lora: dropout={config.dropout} on targets {no_rngs}, whose owners do not pass "
+                             "the dropout keys down; adapter dropout works on MLP projections (gate_up_proj, "
+                             "down_proj): use those targets, or dropout=0")
     for parent, key, linear in chosen:
-        set_submodule(parent, key, LoRALinear(linear, rank=config.rank, alpha=config.alpha, rngs=rngs))
+        set_submodule(parent, key, LoRALinear(linear, rank=config.rank, alpha=config.alpha, rngs=rngs,
+                                              dropout=config.dropout))
     return len(chosen)
 
 

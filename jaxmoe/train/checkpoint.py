@@ -155,7 +155,7 @@ class Checkpointer:
         clean = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
         if self.best_metric not in clean:
             clean = None
-        meta = {**meta, "step": int(step), "fingerprint": _fingerprint(state)}
+        meta = {**meta, "step": int(step), "fingerprint": _fingerprint(state), "metrics": clean or {}}
         self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                  meta=ocp.args.JsonSave(meta)),
                            metrics=clean, force=True)
@@ -181,11 +181,33 @@ class Checkpointer:
         with _abandoned_reads_contained():
             return self._restore_latest(model, optimizer)
 
-    def _restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer) -> Restored | None:
+    def best_step(self) -> int | None:
+        """The saved step lowest in `best_metric` (as saved with it), or None when no saved step has it."""
+        self._manager.reload()
+        ranked = []
+        for step in self.steps():
+            try:
+                value = self._read_meta(step).get("metrics", {}).get(self.best_metric)
+            except Exception:  # noqa: BLE001 - an unreadable step cannot be the one to restore
+                continue
+            if value is not None:
+                ranked.append((value, step))
+        return min(ranked)[1] if ranked else None
+
+    def restore_best(self, model: nnx.Module, optimizer: nnx.Optimizer) -> Restored | None:
+        """Loads `best_step()` into `model` and `optimizer` in place (as `restore_latest` does the newest) and
+        returns its meta; None when no saved step has the metric or it cannot be read."""
+        best = self.best_step()
+        if best is None:
+            return None
+        with _abandoned_reads_contained():
+            return self._restore_latest(model, optimizer, steps=[best])
+
+    def _restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer, steps=None) -> Restored | None:
         self._manager.reload()
         target = _training_state(model, optimizer)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        for step in reversed(self.steps()):
+        for step in reversed(self.steps()) if steps is None else steps:
             error = None
             try:
                 meta = self._read_meta(step)

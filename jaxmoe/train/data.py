@@ -18,10 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["DataError", "MonolingualSource", "ParallelSource", "Records", "load_split", "prepare_monolingual",
-           "prepare_parallel"]
+__all__ = ["ALMA_LANGUAGE_SAMPLING", "ConcatRecords", "DataError", "DirectedRecords", "LanguageMix",
+           "MonolingualSource", "ParallelSource", "Records", "load_split", "prepare_monolingual", "prepare_parallel",
+           "sampling_probabilities"]
+
+# ALMA's stage-1 (monolingual fine-tuning) language sampling probabilities (Xu et al. 2024, section 3 and App. D.1).
+ALMA_LANGUAGE_SAMPLING = {"en": 0.17, "ru": 0.22, "cs": 0.14, "zh": 0.19, "is": 0.08, "de": 0.20}
 
 
 class DataError(ValueError):
@@ -63,7 +68,8 @@ def _file_digest(path: Path) -> str:
 @dataclasses.dataclass(frozen=True, slots=True)
 class ParallelSource:
     """Sentence pairs from line-aligned text files (`src_path`, `tgt_path`) or one ALMA JSON file (`json_path`: a
-    list of {"translation": {src_lang: ..., tgt_lang: ...}}). Languages are codes such as "de", "en"."""
+    list of {"translation": {src_lang: ..., tgt_lang: ...}}, or such entries one per line, JSON Lines, as ALMA's
+    training files are). Languages are codes such as "de", "en"."""
 
     src_lang: str
     tgt_lang: str
@@ -115,9 +121,21 @@ class ParallelSource:
 
     def _read_json(self, path: Path) -> list[tuple[str, str]]:
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{str(path)!r} is not a JSON file: {e}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{str(path)!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise DataError(f"{str(path)!r} is not a JSON file: {e}") from None
+            entries = []  # JSON Lines, as ALMA's own training files: one entry per line
+            for n, line in enumerate(text.split("\n"), start=1):
+                if line.strip():
+                    try:
+                        entries.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"line {n} of {str(path)!r} (JSON Lines) is not JSON: {e}") from None
         if not isinstance(entries, list) or not entries:
             raise DataError(f"{str(path)!r} holds {type(entries).__name__}; expected a non-empty JSON list of "
                             '{"translation": {...}} entries')
@@ -136,9 +154,11 @@ class ParallelSource:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MonolingualSource:
-    """Text from one or more files, one document (or sentence) per line, read in the order given."""
+    """Text from one or more files, one document (or sentence) per line, read in the order given. deduplicate:
+    keep only the first occurrence of each line (compared after stripping surrounding whitespace)."""
 
     paths: tuple[str | Path, ...]
+    deduplicate: bool = False
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, Path)) else tuple(self.paths)
@@ -149,8 +169,9 @@ class MonolingualSource:
             _check_file(Path(path), "text file")
 
     def fingerprint(self) -> str:
-        """sha256 hex of the files' contents, in order."""
-        return hashlib.sha256(json.dumps([_file_digest(Path(p)) for p in self.paths]).encode()).hexdigest()
+        """sha256 hex of the files' contents, in order (and of the deduplicate setting, when on)."""
+        parts = [_file_digest(Path(p)) for p in self.paths] + (["deduplicate"] if self.deduplicate else [])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def read(self) -> list[tuple[int, str]]:
         """[(line index counted across the files, text)]; empty lines are skipped with a warning that counts them."""
@@ -160,7 +181,11 @@ class MonolingualSource:
             lines += _read_lines(Path(path))
         skipped = [i for i, line in enumerate(lines) if not line.strip()]
         _warn_skipped(skipped, len(lines), ", ".join(str(p) for p in self.paths))
-        return [(i, line) for i, line in enumerate(lines) if line.strip()]
+        kept = [(i, line) for i, line in enumerate(lines) if line.strip()]
+        if self.deduplicate:
+            seen: set[str] = set()
+            kept = [(i, line) for i, line in kept if not (line.strip() in seen or seen.add(line.strip()))]
+        return kept
 
 
 # --- tfds datasets ---------------------------------------------------------------------------------------------
@@ -288,3 +313,134 @@ def load_split(builder_or_name: tfds.core.DatasetBuilder | str, split: str, *, d
         raise DataError(f"{builder.name} in {builder.data_dir} is not in a random-access format ({e}); prepare it "
                         "again with file_format='array_record'") from None
     return Records(source, src_lang=src_lang, tgt_lang=tgt_lang)
+
+
+# --- Views over records: directions, concatenation, language sampling ---------------------------------------------
+
+class DirectedRecords(Sequence):
+    """The pairs of one parallel corpus with their languages: record i is {"src", "tgt", "src_lang", "tgt_lang"}.
+
+    indices: the pairs used, in this order (default all); both_directions: the records are those pairs in the
+    given direction, then the same pairs reversed (ALMA uses each human-written pair both ways).
+    """
+
+    def __init__(self, records: Sequence, *, src_lang: str, tgt_lang: str, indices: Sequence[int] | None = None,
+                 both_directions: bool = False):
+        self._records, self._langs = records, (src_lang, tgt_lang)
+        self._indices = list(range(len(records)) if indices is None else indices)
+        self._both = bool(both_directions)
+
+    def __len__(self) -> int:
+        return len(self._indices) * (2 if self._both else 1)
+
+    def __getitem__(self, index):
+        i = _checked_index(index, len(self))
+        n = len(self._indices)
+        record = self._records[self._indices[i % n]]
+        (src_lang, tgt_lang), src, tgt = self._langs, record["src"], record["tgt"]
+        if i >= n:
+            src_lang, tgt_lang, src, tgt = tgt_lang, src_lang, tgt, src
+        return {"src": src, "tgt": tgt, "src_lang": src_lang, "tgt_lang": tgt_lang}
+
+
+class ConcatRecords(Sequence):
+    """Several record sequences one after another."""
+
+    def __init__(self, parts: Sequence[Sequence]):
+        self.parts = list(parts)
+        self._ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index):
+        i = _checked_index(index, len(self))
+        part = int(np.searchsorted(self._ends, i, side="right"))
+        return self.parts[part][i - (int(self._ends[part - 1]) if part else 0)]
+
+
+def sampling_probabilities(setting: str | Mapping[str, float], sizes: Mapping[str, int]) -> dict[str, float]:
+    """The probability of drawing each language of `sizes` (language -> number of texts).
+
+    setting: "alma" (`ALMA_LANGUAGE_SAMPLING`), "proportional" (each language by its share of the texts) or a
+    mapping language -> probability. Every language with data needs a probability and every probability a language
+    with data; probabilities are positive and sum to 1 (within 1e-3). Raises ValueError naming what is wrong.
+    """
+    if setting == "proportional":
+        total = sum(sizes.values())
+        return {lang: n / total for lang, n in sizes.items()}
+    if setting == "alma":
+        probabilities, where = ALMA_LANGUAGE_SAMPLING, "data.language_sampling 'alma' (ALMA's en/ru/cs/zh/is/de)"
+    elif isinstance(setting, Mapping):
+        probabilities, where = dict(setting), f"data.language_sampling {dict(setting)!r}"
+    else:
+        raise ValueError(f"data.language_sampling={setting!r}; expected 'alma', 'proportional' or a mapping of "
+                         "language -> probability such as {en: 0.5, de: 0.5}")
+    no_data = sorted(set(probabilities) - set(sizes))
+    if no_data:
+        raise ValueError(f"{where} gives language {no_data[0]!r} a probability, but the monolingual data has no "
+                         f"{no_data[0]!r} text (it has {sorted(sizes)}); add {no_data[0]!r} files or set "
+                         "data.language_sampling for the languages you have (or 'proportional')")
+    unsampled = sorted(set(sizes) - set(probabilities))
+    if unsampled:
+        raise ValueError(f"{where} has no probability for language {unsampled[0]!r}, which has data; add it to "
+                         "data.language_sampling or remove its files")
+    for lang, p in probabilities.items():
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+            raise ValueError(f"{where}: probability {p!r} for {lang!r}; expected a positive number")
+    total = sum(probabilities.values())
+    if abs(total - 1.0) > 1e-3:
+        raise ValueError(f"{where}: the probabilities sum to {total:.4f}; expected 1")
+    return {lang: float(p) for lang, p in probabilities.items()}
+
+
+class LanguageMix(Sequence):
+    """Monolingual records drawn language by language: draw i picks a language with the given probabilities, then
+    that language's next text in a fixed shuffled order (starting over, reshuffled, when it runs out), so small
+    languages are repeated and large ones subsampled. Record i is {"text", "lang"}.
+
+    The draws are fixed by `seed`: the mix is an ordinary random-access sequence of `length` records (default the
+    total number of texts: one pass over it draws as many texts as there are), which `BatchStream` can shuffle,
+    batch and resume like any other.
+    """
+
+    def __init__(self, parts: Mapping[str, Sequence], probabilities: Mapping[str, float], *, seed: int = 0,
+                 length: int | None = None):
+        empty = [lang for lang, records in parts.items() if not len(records)]
+        if empty:
+            raise DataError(f"language {empty[0]!r} has no text to sample from; give it a non-empty file")
+        probabilities = sampling_probabilities(dict(probabilities), {k: len(v) for k, v in parts.items()})
+        self.parts, self.probabilities = dict(parts), probabilities
+        self.languages = sorted(parts)
+        length = sum(len(v) for v in parts.values()) if length is None else int(length)
+        rng = np.random.default_rng([seed, 1])
+        p = np.asarray([probabilities[lang] for lang in self.languages])
+        self._lang = rng.choice(len(self.languages), size=length, p=p / p.sum()).astype(np.int32)
+        self._item = np.zeros(length, np.int64)
+        for k, lang in enumerate(self.languages):
+            draws = np.flatnonzero(self._lang == k)
+            n = len(parts[lang])
+            passes = -(-len(draws) // n) if len(draws) else 0
+            order = np.concatenate([np.random.default_rng([seed, 2, k, e]).permutation(n) for e in range(passes)]
+                                   ) if passes else np.zeros(0, np.int64)
+            self._item[draws] = order[:len(draws)]
+
+    def __len__(self) -> int:
+        return len(self._lang)
+
+    def __getitem__(self, index):
+        i = _checked_index(index, len(self))
+        lang = self.languages[self._lang[i]]
+        return {"text": self.parts[lang][int(self._item[i])]["text"], "lang": lang}
+
+    def counts(self) -> dict[str, int]:
+        """Draws per language over the whole mix."""
+        return {lang: int(np.sum(self._lang == k)) for k, lang in enumerate(self.languages)}
+
+
+def _checked_index(index, length: int) -> int:
+    i = operator.index(index)
+    i = i + length if i < 0 else i
+    if not 0 <= i < length:
+        raise IndexError(f"record {index} of {length}")
+    return i

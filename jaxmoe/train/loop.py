@@ -45,7 +45,8 @@ class Batch(NamedTuple):
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Optimizer settings: AdamW, linear warmup to `learning_rate`, then cosine or linear decay to
-    `final_lr_fraction` of it at `total_steps`."""
+    `final_lr_fraction` of it at `total_steps`, or "inverse_sqrt": learning_rate x sqrt(warmup_steps / step)
+    after the warmup (transformers' `get_inverse_sqrt_schedule`, ALMA's; `final_lr_fraction` unused)."""
 
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -58,8 +59,12 @@ class TrainConfig:
     schedule: str = "cosine"
 
     def __post_init__(self):
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"TrainConfig: schedule={self.schedule!r}; expected 'cosine' or 'linear'")
+        if self.schedule not in ("cosine", "linear", "inverse_sqrt"):
+            raise ValueError(f"TrainConfig: schedule={self.schedule!r}; expected 'cosine', 'linear' or "
+                             "'inverse_sqrt'")
+        if self.schedule == "inverse_sqrt" and self.warmup_steps < 1:
+            raise ValueError("TrainConfig: schedule='inverse_sqrt' needs warmup_steps >= 1 (the decay is "
+                             "sqrt(warmup_steps / step))")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"TrainConfig: warmup_steps={self.warmup_steps}, total_steps={self.total_steps}; "
                              "expected 0 <= warmup_steps < total_steps")
@@ -70,8 +75,15 @@ class TrainConfig:
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """0 -> learning_rate linearly over warmup_steps, then cosine (or linear) down to
-    learning_rate * final_lr_fraction at total_steps."""
+    learning_rate * final_lr_fraction at total_steps, or inverse_sqrt (see TrainConfig)."""
     end = config.learning_rate * config.final_lr_fraction
+    if config.schedule == "inverse_sqrt":
+        peak, warmup = config.learning_rate, config.warmup_steps
+
+        def inverse_sqrt(count):
+            step = jnp.asarray(count, jnp.float32)
+            return jnp.where(step < warmup, peak * step / warmup, peak * jnp.sqrt(warmup / jnp.maximum(step, 1.0)))
+        return inverse_sqrt
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=config.learning_rate,
                                                   warmup_steps=config.warmup_steps, decay_steps=config.total_steps,

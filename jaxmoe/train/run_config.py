@@ -18,8 +18,13 @@ import yaml
 
 from jaxmoe.config import PRESETS, ModelConfig
 
-__all__ = ["CheckpointSection", "ConfigError", "DataSection", "EvalSection", "MeshSection", "ModelSection",
-           "OptimSection", "RunConfig", "TokenizerSection", "load_run_config", "parse_overrides", "run_config_from_dict"]
+__all__ = ["CPOSection", "CheckpointSection", "ConfigError", "DataSection", "EvalSection", "LoRASection",
+           "MeshSection", "ModelSection", "OptimSection", "RunConfig", "TokenizerSection", "load_run_config",
+           "parse_overrides", "run_config_from_dict"]
+
+
+# ModelConfig fields a checkpoint's model may take from model.overrides: how it runs, not what it computes.
+INIT_FROM_OVERRIDES = frozenset({"remat"})
 
 
 class ConfigError(ValueError):
@@ -28,16 +33,22 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LoRASection:
+    """Adapters of rank `rank` (update scaled by alpha / rank) on the linear layers named in `targets`, with
+    dropout on the adapter's input in training (PEFT's lora_dropout). ALMA's stage 2: rank 16, alpha 32,
+    dropout 0.05, targets [down_proj]."""
+
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelSection:
     """preset: a name from jaxmoe.PRESETS; or init_from: a Hugging Face checkpoint folder to fine-tune.
-    overrides: ModelConfig fields changed on top of the preset (not with init_from: the checkpoint fixes the
-    architecture). compute_dtype: float32 or bfloat16 (parameters always stay float32 masters)."""
+    overrides: ModelConfig fields changed on top of the preset (with init_from only `remat`, e.g. {remat: layer}
+    to recompute each layer in the backward: the checkpoint fixes the architecture). compute_dtype: float32 or
+    bfloat16 (parameters always stay float32 masters)."""
 
     preset: str | None = "tiny-moe"
     init_from: str | None = None
@@ -57,10 +68,16 @@ class TokenizerSection:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataSection:
-    """A corpus per split. Parallel: `{src: FILE, tgt: FILE}` (line-aligned) or `{json: FILE}` (ALMA form);
-    monolingual: `{text: FILE}`; or `{tfds: NAME, split: SPLIT}` for a tensorflow-datasets name.
-    Relative paths are relative to the config file. download: let tfds download and prepare a {tfds: NAME}
-    split that data_dir lacks (needs internet)."""
+    """A corpus per split. Parallel: `{src: FILE, tgt: FILE}` (line-aligned) or `{json: FILE}` (ALMA form), in
+    the direction src_lang -> tgt_lang; several corpora with their own directions: `{pairs: [{src: FILE, tgt: FILE,
+    src_lang: de, tgt_lang: en}, {json: FILE, src_lang: cs, tgt_lang: en}, ...], both_directions: true,
+    max_pairs: N}` (each pair also reversed; N pairs drawn per corpus with the run's seed). Monolingual:
+    `{text: FILE}`, or per language `{monolingual: {en: [FILE, ...], de: FILE, ...}}` (lines deduplicated per
+    language), drawn by `language_sampling`: "alma" (ALMA's 0.17/0.22/0.14/0.19/0.08/0.20 for
+    en/ru/cs/zh/is/de), "proportional" (by amount of text) or a mapping language -> probability. Preference
+    triplets for `objective: cpo`: `{triplets: FILE}` (jaxmoe.train.cpo.read_triplets' layouts). Or
+    `{tfds: NAME, split: SPLIT}` for a tensorflow-datasets name. Relative paths are relative to the config file.
+    download: let tfds download and prepare a {tfds: NAME} split that data_dir lacks (needs internet)."""
 
     train: dict = dataclasses.field(default_factory=dict)
     valid: dict | None = None
@@ -72,12 +89,14 @@ class DataSection:
     download: bool = False
     max_len: int = 128
     pack: bool = True
+    language_sampling: dict | str = "alma"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OptimSection:
-    """AdamW with linear warmup then cosine or linear decay to final_lr_fraction x learning_rate; global-norm
-    clipping; grad_accum micro-batches of batch_size sequences (rows) per step."""
+    """AdamW with linear warmup then cosine or linear decay to final_lr_fraction x learning_rate, or inverse_sqrt
+    (learning_rate x sqrt(warmup_steps / step) after warmup, transformers' and ALMA's; final_lr_fraction unused);
+    global-norm clipping; grad_accum micro-batches of batch_size sequences (rows) per step."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -94,21 +113,30 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CheckpointSection:
+    """Save every `every` steps; keep the newest keep_last and the keep_best lowest in validation loss.
+    export_best: at the end, restore the checkpoint lowest in validation loss (needs data.valid and keep_best >= 1)
+    before the test translations and the export (ALMA's best checkpoint on validation)."""
+
     every: int = 100
     keep_last: int = 3
     keep_best: int = 1
     async_save: bool = True
+    export_best: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EvalSection:
     """every: validation loss every that many steps (0: only at the end); translate: sentences of the test
-    split translated and scored (BLEU, chrF) at the end (0: none)."""
+    split translated and scored (BLEU, chrF) at the end, per direction (0: none); num_beams 1 is greedy, more is
+    beam search with length_penalty; cut_at_newline: each translation ends at its first newline (ALMA)."""
 
     every: int = 100
     translate: int = 200
     max_new_tokens: int = 64
     batch_size: int = 32
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    cut_at_newline: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,8 +151,23 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class CPOSection:
+    """Contrastive Preference Optimization (ALMA-R) settings for `objective: cpo`: jaxmoe.train.cpo.CPOConfig."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RunConfig:
+    """objective: "lm" (next-token loss on the loss-masked tokens: pretraining, monolingual and translation
+    fine-tuning) or "cpo" (preference triplets, the `cpo` section)."""
+
     run_dir: str = "runs/train"
+    objective: str = "lm"
     seed: int = 0
     log_every: int = 10
     progress: bool = True
@@ -135,6 +178,7 @@ class RunConfig:
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
     mesh: MeshSection = MeshSection()
+    cpo: CPOSection = CPOSection()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -222,9 +266,10 @@ def _check(config: RunConfig) -> RunConfig:
     if m.init_from is None and m.preset not in PRESETS:
         raise ConfigError(f"model.preset={m.preset!r}; expected one of {sorted(PRESETS)} (or set model.init_from "
                           "to a checkpoint folder)")
-    if m.init_from is not None and m.overrides:
+    if m.init_from is not None and set(m.overrides) - INIT_FROM_OVERRIDES:
         raise ConfigError(f"model.overrides={m.overrides!r} with model.init_from={m.init_from!r}: the checkpoint "
-                          "fixes the architecture; remove the overrides")
+                          f"fixes the architecture; remove the overrides (only {sorted(INIT_FROM_OVERRIDES)}, how it "
+                          "runs, may be set)")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(m.overrides) - fields)
     if unknown:
@@ -232,8 +277,27 @@ def _check(config: RunConfig) -> RunConfig:
                           f"(ModelConfig fields): {', '.join(sorted(fields))}")
     if m.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}; expected float32 or bfloat16")
-    if o.schedule not in ("cosine", "linear"):
-        raise ConfigError(f"optim.schedule={o.schedule!r}; expected cosine or linear")
+    if o.schedule not in ("cosine", "linear", "inverse_sqrt"):
+        raise ConfigError(f"optim.schedule={o.schedule!r}; expected cosine, linear or inverse_sqrt")
+    if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
+        raise ConfigError("optim.schedule=inverse_sqrt with optim.warmup_steps=0; the decay is sqrt(warmup_steps / "
+                          "step): set warmup_steps >= 1")
+    if config.objective not in ("lm", "cpo"):
+        raise ConfigError(f"objective={config.objective!r}; expected lm (next-token loss) or cpo (preference "
+                          "triplets)")
+    if (config.objective == "cpo") != (set(d.train) == {"triplets"}):
+        raise ConfigError(f"objective={config.objective!r} with data.train={d.train!r}: objective cpo trains on "
+                          "{triplets: FILE} and only cpo does; set both or neither")
+    if config.objective == "cpo" and m.init_from is None and config.tokenizer.path is None:
+        raise ConfigError("objective: cpo fine-tunes a trained model: set model.init_from (a checkpoint folder with "
+                          "its tokenizer) or tokenizer.path")
+    if m.lora is not None and not 0 <= m.lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={m.lora.dropout}; expected a number in [0, 1)")
+    if config.eval.num_beams < 1:
+        raise ConfigError(f"eval.num_beams={config.eval.num_beams}; expected an integer >= 1 (1: greedy)")
+    if config.checkpoint.export_best and (d.valid is None or config.checkpoint.keep_best < 1):
+        raise ConfigError("checkpoint.export_best=true needs a validation split (data.valid) and "
+                          f"checkpoint.keep_best >= 1 (it is {config.checkpoint.keep_best}) to pick the best step")
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(o, name) < 1:
             raise ConfigError(f"optim.{name}={getattr(o, name)}; expected an integer >= 1")
@@ -319,8 +383,7 @@ def _resolve_paths(values: dict, folder: Path) -> dict:
     data = dict(values.get("data") or {})
     for split in ("train", "valid", "test"):
         if isinstance(data.get(split), dict):
-            data[split] = {k: str(folder / v) if k in ("src", "tgt", "json", "text") and isinstance(v, str)
-                           else v for k, v in data[split].items()}
+            data[split] = _resolve_spec(data[split], folder)
     if isinstance(data.get("data_dir"), str):
         data["data_dir"] = str(folder / data["data_dir"])
     if data:
@@ -330,6 +393,18 @@ def _resolve_paths(values: dict, folder: Path) -> dict:
         if isinstance(sub, dict) and isinstance(sub.get(key), str):
             values[section] = {**sub, key: str(folder / sub[key])}
     return values
+
+
+def _resolve_spec(spec: dict, folder: Path) -> dict:
+    """A data split spec with its file paths made absolute (also inside `pairs` and `monolingual`)."""
+    def path(v):
+        return str(folder / v) if isinstance(v, str) else [path(x) for x in v] if isinstance(v, list) else v
+    out = {k: path(v) if k in ("src", "tgt", "json", "text", "triplets") else v for k, v in spec.items()}
+    if isinstance(spec.get("pairs"), list):
+        out["pairs"] = [_resolve_spec(p, folder) if isinstance(p, dict) else p for p in spec["pairs"]]
+    if isinstance(spec.get("monolingual"), dict):
+        out["monolingual"] = {lang: path(v) for lang, v in spec["monolingual"].items()}
+    return out
 
 
 def load_run_config(path: Path | str | None, overrides: list[str] = ()) -> RunConfig:

@@ -24,11 +24,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -112,48 +113,137 @@ def _check_resume_config(run_dir: Path, config: RunConfig) -> None:
 # --------------------------------------------------------------------------------------------------- data
 
 
-def _source(spec: dict, config: RunConfig, what: str):
+_PAIR_KEYS = ({"src", "tgt", "src_lang", "tgt_lang"}, {"json", "src_lang", "tgt_lang"})
+
+
+def _parallel_sources(spec: dict, config: RunConfig, what: str) -> list[data_lib.ParallelSource]:
+    """The corpora of a parallel split spec: {src, tgt} / {json} in data.src_lang -> data.tgt_lang, or each entry
+    of {pairs: [...]} with its own languages."""
     d = config.data
-    keys = set(spec)
-    if keys == {"src", "tgt"} or keys == {"json"}:
+    if "pairs" not in spec:
         if not d.src_lang or not d.tgt_lang:
-            raise ConfigError(f"data.{what} is a parallel corpus; set data.src_lang and data.tgt_lang (e.g. de, en)")
-        return data_lib.ParallelSource(src_lang=d.src_lang, tgt_lang=d.tgt_lang, src_path=spec.get("src"),
-                                       tgt_path=spec.get("tgt"), json_path=spec.get("json"))
-    if keys == {"text"}:
-        return data_lib.MonolingualSource(spec["text"])
+            raise ConfigError(f"data.{what} is a parallel corpus; set data.src_lang and data.tgt_lang (e.g. de, en), "
+                              "or list corpora with their languages under pairs")
+        return [data_lib.ParallelSource(src_lang=d.src_lang, tgt_lang=d.tgt_lang, src_path=spec.get("src"),
+                                        tgt_path=spec.get("tgt"), json_path=spec.get("json"))]
+    pairs = spec["pairs"]
+    if not isinstance(pairs, list) or not pairs:
+        raise ConfigError(f"data.{what}.pairs={pairs!r}; expected a non-empty list of {{src: FILE, tgt: FILE, "
+                          "src_lang: L, tgt_lang: L}} or {json: FILE, src_lang: L, tgt_lang: L}")
+    sources = []
+    for k, entry in enumerate(pairs):
+        if not isinstance(entry, dict) or set(entry) not in _PAIR_KEYS:
+            raise ConfigError(f"data.{what}.pairs[{k}]={entry!r}; expected {{src: FILE, tgt: FILE, src_lang: L, "
+                              "tgt_lang: L}} or {json: FILE, src_lang: L, tgt_lang: L}")
+        sources.append(data_lib.ParallelSource(src_lang=entry["src_lang"], tgt_lang=entry["tgt_lang"],
+                                               src_path=entry.get("src"), tgt_path=entry.get("tgt"),
+                                               json_path=entry.get("json")))
+    return sources
+
+
+def _kind(spec, what: str) -> str:
+    keys = set(spec) if isinstance(spec, dict) else None
+    if keys in ({"src", "tgt"}, {"json"}) or (keys and "pairs" in keys and keys <= {"pairs", "both_directions",
+                                                                                   "max_pairs"}):
+        return "parallel"
+    if keys in ({"text"}, {"monolingual"}):
+        return "monolingual"
     if keys == {"tfds", "split"}:
-        return spec
-    raise ConfigError(f"data.{what}={spec!r}; expected {{src: FILE, tgt: FILE}}, {{json: FILE}}, {{text: FILE}} or "
-                      "{tfds: NAME, split: SPLIT}")
+        return "tfds"
+    if keys == {"triplets"}:
+        return "triplets"
+    raise ConfigError(f"data.{what}={spec!r}; expected {{src: FILE, tgt: FILE}}, {{json: FILE}}, {{pairs: [...], "
+                      "both_directions: BOOL, max_pairs: N}, {text: FILE}, {monolingual: {LANG: FILES}}, "
+                      "{triplets: FILE} or {tfds: NAME, split: SPLIT}")
 
 
-def load_records(config: RunConfig, data_dir: Path) -> dict[str, data_lib.Records]:
-    """Prepares the configured splits with tfds (once) and returns each as random-access records."""
+def _monolingual_sources(spec: dict, what: str) -> dict[str, data_lib.MonolingualSource]:
+    """{"": source} for {text: FILE}; {lang: deduplicated source} for {monolingual: {lang: FILES}}."""
+    if "text" in spec:
+        return {"": data_lib.MonolingualSource(spec["text"])}
+    languages = spec["monolingual"]
+    if not isinstance(languages, dict) or not languages:
+        raise ConfigError(f"data.{what}.monolingual={languages!r}; expected a mapping of language -> text file or "
+                          "list of files, e.g. {en: [a.en, b.en], de: c.de}")
+    for lang, files in languages.items():
+        if not isinstance(lang, str) or not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)?", lang):
+            raise ConfigError(f"data.{what}.monolingual has key {lang!r}; expected a language code such as en")
+        if not (isinstance(files, str) or (isinstance(files, list) and files and
+                                           all(isinstance(f, str) for f in files))):
+            raise ConfigError(f"data.{what}.monolingual.{lang}={files!r}; expected a file or a list of files")
+    return {lang: data_lib.MonolingualSource(files, deduplicate=True) for lang, files in languages.items()}
+
+
+def _subset(n: int, max_pairs, seed: int, k: int, where: str) -> list[int] | None:
+    """The indices of max_pairs pairs of n drawn with (seed, corpus k), ascending; None for all."""
+    if max_pairs is None:
+        return None
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ConfigError(f"{where}.max_pairs={max_pairs!r}; expected an integer >= 1")
+    if max_pairs > n:
+        raise ConfigError(f"{where}.max_pairs={max_pairs} but corpus {k} has only {n} pairs; lower max_pairs")
+    return sorted(np.random.default_rng([seed, k]).permutation(n)[:max_pairs].tolist())
+
+
+def load_records(config: RunConfig, data_dir: Path) -> dict[str, Sequence]:
+    """Prepares the configured splits with tfds (once) and returns each as random-access records: parallel splits
+    as {"src", "tgt", "src_lang", "tgt_lang"} (`data_lib.DirectedRecords`), monolingual ones as {"text"} (one
+    file list) or a `data_lib.LanguageMix` of {"text", "lang"}, triplet files as `jaxmoe.train.cpo.Triplet`s."""
     d = config.data
     specs = {name: spec for name, spec in (("train", d.train), ("valid", d.valid), ("test", d.test)) if spec}
-    sources = {name: _source(spec, config, name) for name, spec in specs.items()}
-    records = {}
-    local = {name: s for name, s in sources.items() if not isinstance(s, dict)}
-    parallel = {n: s for n, s in local.items() if isinstance(s, data_lib.ParallelSource)}
-    mono = {n: s for n, s in local.items() if isinstance(s, data_lib.MonolingualSource)}
-    if parallel and mono:
+    kinds = {name: _kind(spec, name) for name, spec in specs.items()}
+    if {"parallel", "monolingual"} <= set(kinds.values()):
         raise ConfigError("data splits mix parallel and monolingual corpora; use one kind for all splits")
+    records: dict[str, Sequence] = {}
+    parallel = {name: _parallel_sources(specs[name], config, name) for name, k in kinds.items() if k == "parallel"}
     if parallel:
-        builder = data_lib.prepare_parallel("jaxmoe_parallel", parallel, data_dir=data_dir)
-        records.update({n: data_lib.load_split(builder, n) for n in parallel})
+        builder = data_lib.prepare_parallel("jaxmoe_parallel", {f"{name}-{k}": source for name, sources in
+                                                                parallel.items() for k, source in enumerate(sources)},
+                                            data_dir=data_dir)
+        for name, sources in parallel.items():
+            spec = specs[name]
+            parts = []
+            for k, source in enumerate(sources):
+                split = data_lib.load_split(builder, f"{name}-{k}")
+                parts.append(data_lib.DirectedRecords(
+                    split, src_lang=source.src_lang, tgt_lang=source.tgt_lang,
+                    indices=_subset(len(split), spec.get("max_pairs"), config.seed, k, f"data.{name}"),
+                    both_directions=bool(spec.get("both_directions", False))))
+            records[name] = parts[0] if len(parts) == 1 else data_lib.ConcatRecords(parts)
+    mono = {name: _monolingual_sources(specs[name], name) for name, k in kinds.items() if k == "monolingual"}
+    for sources in mono.values():  # a bad sampling key is named before any data is prepared
+        if "" not in sources:
+            try:
+                data_lib.sampling_probabilities(d.language_sampling, dict.fromkeys(sources, 1))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     if mono:
-        builder = data_lib.prepare_monolingual("jaxmoe_text", mono, data_dir=data_dir)
-        records.update({n: data_lib.load_split(builder, n) for n in mono})
-    for name, spec in sources.items():
-        if isinstance(spec, dict):
+        builder = data_lib.prepare_monolingual("jaxmoe_text", {f"{name}-{lang}" if lang else name: source for name,
+                                                               sources in mono.items() for lang, source in
+                                                               sources.items()}, data_dir=data_dir)
+        for name, sources in mono.items():
+            if "" in sources:
+                records[name] = data_lib.load_split(builder, name)
+                continue
+            parts = {lang: data_lib.load_split(builder, f"{name}-{lang}") for lang in sources}
+            try:
+                records[name] = data_lib.LanguageMix(parts, data_lib.sampling_probabilities(
+                    d.language_sampling, {lang: len(r) for lang, r in parts.items()}), seed=config.seed)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    for name, kind in kinds.items():
+        if kind == "tfds":
+            spec = specs[name]
             records[name] = data_lib.load_split(spec["tfds"], spec["split"], data_dir=d.data_dir,
                                                 download=d.download, src_lang=d.src_lang, tgt_lang=d.tgt_lang)
+        elif kind == "triplets":
+            from jaxmoe.train import cpo  # noqa: PLC0415 - only CPO runs need it
+            records[name] = cpo.read_triplets(specs[name]["triplets"], src_lang=d.src_lang, tgt_lang=d.tgt_lang)
     return records
 
 
 def _is_parallel(records) -> bool:
-    return "src" in records[0]
+    return isinstance(records[0], dict) and "src" in records[0]
 
 
 def _encoder(config: RunConfig, tokenizer: Tokenizer, parallel: bool) -> Callable[[dict], tuple]:
@@ -161,8 +251,19 @@ def _encoder(config: RunConfig, tokenizer: Tokenizer, parallel: bool) -> Callabl
         return lambda record: batch_lib.encode_text(tokenizer, record["text"])
     prompt = batch_lib.PromptFormat(config.data.prompt)
     d = config.data
-    return lambda record: batch_lib.encode_translation(tokenizer, prompt.render(record["src"], d.src_lang, d.tgt_lang),
-                                                      record["tgt"])
+    return lambda record: batch_lib.encode_translation(
+        tokenizer, prompt.render(record["src"], record.get("src_lang", d.src_lang), record.get("tgt_lang", d.tgt_lang)),
+        record["tgt"])
+
+
+def _tokenizer_texts(records) -> list[str]:
+    """Every distinct text a tokenizer should be trained on: both sides of each pair, each monolingual line once
+    (a language mix's underlying texts, not its draws)."""
+    if isinstance(records, data_lib.LanguageMix):
+        return [r["text"] for part in records.parts.values() for r in part]
+    if _is_parallel(records):
+        return [r["src"] for r in records] + [r["tgt"] for r in records]
+    return [r["text"] for r in records]
 
 
 # ------------------------------------------------------------------------------------------ model, tokenizer
@@ -180,10 +281,7 @@ def _tokenizer(config: RunConfig, run_dir: Path, records) -> Tokenizer:
                                     "or tokenizer.bpe_vocab_size to train a BPE")
         tokenizer = Tokenizer.from_folder(folder)
     else:
-        train = records["train"]
-        texts = ([r["src"] for r in train] + [r["tgt"] for r in train]) if _is_parallel(train) else \
-            [r["text"] for r in train]
-        tokenizer = train_bpe(texts, vocab_size=t.bpe_vocab_size)
+        tokenizer = train_bpe(_tokenizer_texts(records["train"]), vocab_size=t.bpe_vocab_size)
     save_tokenizer(tokenizer, saved)
     return tokenizer
 
@@ -195,6 +293,8 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, mesh=None) -> Phi3ForCa
     compute = jnp.dtype(m.compute_dtype)
     if m.init_from is not None:
         model = load_hf(m.init_from, dtype=jnp.float32, compute_dtype=compute, mesh=mesh)
+        if m.overrides:  # settings of how the checkpoint's architecture runs, not of what it is (see _check)
+            model.config = model.config.replace(**m.overrides)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint {m.init_from!r} has "
                               f"vocab_size={model.config.vocab_size}; the tokenizer does not belong to the checkpoint")
@@ -217,8 +317,8 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, mesh=None) -> Phi3ForCa
                           f"{model.config.max_position_embeddings}; lower data.max_len or raise "
                           "model.overrides.max_position_embeddings")
     if m.lora is not None:
-        apply_lora(model, LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=m.lora.targets),
-                   rngs=nnx.Rngs(config.seed + 1))
+        apply_lora(model, LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=m.lora.targets,
+                                     dropout=m.lora.dropout), rngs=nnx.Rngs(config.seed + 1))
     model.train()
     return model
 
@@ -292,11 +392,45 @@ def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], where: N
 def _next_batch(stream: batch_lib.BatchStream, grad_accum: int, mesh) -> Batch:
     """The next step's global batch on the device(s): [b, t] arrays, or [grad_accum, b, t] to accumulate; the
     stream yields this process's rows."""
+    if not isinstance(stream, batch_lib.BatchStream):  # preference pairs (objective: cpo): one device
+        batch = next(stream)
+        return batch._replace(**{k: jnp.asarray(v) for k, v in batch._asdict().items()})
     micro = [next(stream) for _ in range(grad_accum)]
     arrays = {k: np.stack([m[k] for m in micro]) if grad_accum > 1 else micro[0][k] for k in Batch._fields}
     shape = (stream.batch_size, stream.max_len)
     return _global_batch(arrays, shape if grad_accum == 1 else (grad_accum, *shape),
                          None if mesh is None else _batch_sharding(mesh, grad_accum))
+
+
+def _cpo_parts(config: RunConfig, records, tokenizer: Tokenizer, pad_id: int, mesh):
+    """For `objective: cpo`: the preference batch stream, the validation batches (or None), the step and the
+    evaluation (jaxmoe.train.cpo)."""
+    from jaxmoe.train import cpo  # noqa: PLC0415 - only CPO runs need it
+    if mesh is not None or config.optim.grad_accum != 1:
+        raise ConfigError(f"objective: cpo runs on one device without accumulation (mesh "
+                          f"{dataclasses.asdict(config.mesh)}, optim.grad_accum={config.optim.grad_accum}); set the "
+                          "mesh sizes to 1 and grad_accum to 1")
+    try:
+        settings = cpo.CPOConfig(**dataclasses.asdict(config.cpo))
+    except ValueError as e:
+        raise ConfigError(f"cpo: {e}") from None
+    o, d = config.optim, config.data
+    prompt = batch_lib.PromptFormat(d.prompt)
+    stream = cpo.PreferenceStream(records["train"], tokenizer, prompt=prompt, batch_size=o.batch_size,
+                                  max_len=d.max_len, pad_id=pad_id, seed=config.seed)
+    valid = None
+    if "valid" in records:
+        if not isinstance(records["valid"][0], cpo.Triplet):
+            raise ConfigError("objective: cpo validates on preference triplets: set data.valid to {triplets: FILE}")
+        valid = [jax.tree.map(jnp.asarray, b) for b in cpo.preference_eval_batches(
+            records["valid"], tokenizer, prompt=prompt, batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id)]
+
+    def run_step(model, optimizer, batch, rngs):
+        return cpo.cpo_train_step(model, optimizer, batch, rngs, config=settings)
+
+    def run_eval(model, batches):
+        return cpo.cpo_evaluate(model, batches, config=settings)
+    return stream, valid, run_step, run_eval
 
 
 def _stop_diverged(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
@@ -312,10 +446,10 @@ def _stop_diverged(step: int, loss: float, grad_norm: float, checkpointer: Check
         "Lower optim.learning_rate or raise optim.warmup_steps, then resume or start over")
 
 
-def _validation(model, batches) -> dict[str, float]:
+def _validation(model, batches, run_eval=evaluate) -> dict[str, float]:
     model.eval()
     try:
-        result = evaluate(model, batches)
+        result = run_eval(model, batches)
     finally:
         model.train()
     return result
@@ -377,16 +511,20 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         sharding.check_batch(o.batch_size, mesh)
     where = None if mesh is None else _batch_sharding(mesh)  # the batches' layout
     rows = list(range(o.batch_size) if where is None else batch_lib.host_rows(where, (o.batch_size, d.max_len)))
-    stream = batch_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
-                                  seed=config.seed, pack=d.pack, encode=encode, rows=rows)  # this process's rows
     valid = None
-    if "valid" in records:
-        valid_examples = [encode(r) for r in records["valid"]]
-        valid = [_global_batch({k: v[rows] for k, v in b.items()}, b["input_ids"].shape, where)
-                 for b in batch_lib.eval_batches(valid_examples, batch_size=o.batch_size, max_len=d.max_len,
-                                                 pad_id=pad_id)]
-        if not valid:
-            raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
+    if config.objective == "cpo":
+        stream, valid, run_step, run_eval = _cpo_parts(config, records, tokenizer, pad_id, mesh)
+    else:
+        stream = batch_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
+                                      seed=config.seed, pack=d.pack, encode=encode, rows=rows)  # this process's rows
+        if "valid" in records:
+            valid_examples = [encode(r) for r in records["valid"]]
+            valid = [_global_batch({k: v[rows] for k, v in b.items()}, b["input_ids"].shape, where)
+                     for b in batch_lib.eval_batches(valid_examples, batch_size=o.batch_size, max_len=d.max_len,
+                                                     pad_id=pad_id)]
+        run_step, run_eval = train_step, evaluate
+    if valid is not None and not valid:
+        raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
 
     if mesh is not None:  # before the optimizer, whose moments then take the parameters' shardings (LoRA too)
         sharding.shard_model(model, mesh)
@@ -426,7 +564,7 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(start + 1, o.steps + 1):
             batch = _next_batch(stream, o.grad_accum, mesh)
-            metrics = train_step(model, optimizer, batch, nnx.Rngs(jax.random.fold_in(base_key, step)))
+            metrics = run_step(model, optimizer, batch, nnx.Rngs(jax.random.fold_in(base_key, step)))
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 _stop_diverged(step, loss, grad_norm, checkpointer)
@@ -450,10 +588,10 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
                 window_tokens, window_start = 0, time.perf_counter()
             evaluated = {}
             if valid is not None and ((config.eval.every and step % config.eval.every == 0) or step == o.steps):
-                result = final_valid = _validation(model, valid)
+                result = final_valid = _validation(model, valid, run_eval)
                 evaluated = {"valid_loss": result["loss"]}
                 if primary:
-                    logger.log(step, {"loss": result["loss"], "accuracy": result["accuracy"]}, split="valid")
+                    logger.log(step, {k: v for k, v in result.items() if k != "pairs"}, split="valid")
             # Preemption signals reach the hosts at slightly different times: all stop after the same step.
             stop = any_process(sigterm.is_set())
             if step % c.every == 0 or step == o.steps or stop:
@@ -462,24 +600,73 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
             if stop:
                 checkpointer.close()
                 raise Preempted(step, checkpointer.directory)
+    exported = {}
+    if c.export_best:  # ALMA's best checkpoint on validation, for the test translations and the export
+        checkpointer.wait()
+        best = checkpointer.restore_best(model, optimizer)
+        if best is None:
+            raise RuntimeError(f"checkpoint.export_best: no readable checkpoint with a validation loss in "
+                               f"{checkpointer.directory}")
+        exported = {"exported_step": best.step}
+        final_valid = _validation(model, valid, run_eval)
+        log(f"restored step {best.step}, the lowest validation loss ({final_valid['loss']:.4f}), for the export")
     checkpointer.close()
     train_seconds = time.perf_counter() - started
     if valid is not None and final_valid is None:  # resumed at the last step: no step ran
-        final_valid = _validation(model, valid)
-    return _finish(config, run_dir, model, tokenizer, records, final_valid, train_seconds, log)
+        final_valid = _validation(model, valid, run_eval)
+    return _finish(config, run_dir, model, tokenizer, records, final_valid, train_seconds, log, exported)
+
+
+def _test_translations(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, test, primary: bool) -> dict:
+    """Translates the first eval.translate sentences of each direction in the test split (greedy, or beam search
+    with eval.num_beams), writes test.hyp.txt (one direction) or test.SRC-TGT.hyp.txt (several), and returns the
+    summary's test entries: per direction sentences, BLEU, chrF and sacrebleu's signature under "test", and
+    test_bleu / test_chrf (the mean over the directions)."""
+    d, e = config.data, config.eval
+    directions: dict[tuple[str, str], list[dict]] = {}
+    for i in range(len(test)):
+        record = test[i]
+        key = (record.get("src_lang", d.src_lang), record.get("tgt_lang", d.tgt_lang))
+        if len(directions.setdefault(key, [])) < e.translate:
+            directions[key].append(record)
+    prompt = batch_lib.PromptFormat(d.prompt)
+    results, samples = {}, []
+    for (src_lang, tgt_lang), chosen in directions.items():
+        sources, references = [r["src"] for r in chosen], [r["tgt"] for r in chosen]
+        hypotheses = translate(model, tokenizer, sources,
+                               prompt=lambda s, a=src_lang, b=tgt_lang: prompt.render(s, a, b), max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, num_beams=e.num_beams,
+                               length_penalty=e.length_penalty, cut_at_newline=e.cut_at_newline)
+        name = f"{src_lang}-{tgt_lang}"
+        if primary:
+            file = "test.hyp.txt" if len(directions) == 1 else f"test.{name}.hyp.txt"
+            _write_atomic(run_dir / file, "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
+        scores = score(hypotheses, references, lang_pair=name)
+        results[name] = {"sentences": len(chosen), "bleu": scores["bleu"], "chrf": scores["chrf"],
+                         "bleu_signature": scores["bleu_signature"]}
+        samples += [{"direction": name, "source": s, "hypothesis": h, "reference": r}
+                    for s, h, r in list(zip(sources, hypotheses, references))[:3]]
+    out = {"test": results, "test_sentences": sum(r["sentences"] for r in results.values()),
+           "test_bleu": float(np.mean([r["bleu"] for r in results.values()])),
+           "test_chrf": float(np.mean([r["chrf"] for r in results.values()])),
+           "decoding": {"num_beams": e.num_beams, "length_penalty": e.length_penalty,
+                        "cut_at_newline": e.cut_at_newline, "max_new_tokens": e.max_new_tokens},
+           "samples": samples}
+    if len(results) == 1:
+        out["bleu_signature"] = next(iter(results.values()))["bleu_signature"]
+    return out
 
 
 def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, records, valid_result, train_seconds,
-            log) -> dict:
+            log, exported: dict) -> dict:
     """Export, plots, test scores, summary.json (with the final validation result, when there is one). With
     several processes all translate (the model is split between them) and process 0 writes the files."""
     model.eval()
     primary = is_primary()
     summary = {"run_dir": str(run_dir), "steps": config.optim.steps, "train_seconds": round(train_seconds, 1),
                "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
-               "experts": model.config.moe.num_experts if model.config.moe is not None else 0}
+               "experts": model.config.moe.num_experts if model.config.moe is not None else 0, **exported}
     if valid_result is not None:
-        summary.update(valid_loss=valid_result["loss"], valid_accuracy=valid_result["accuracy"])
+        summary.update({f"valid_{k.replace('/', '_')}": v for k, v in valid_result.items() if k != "pairs"})
     if primary:
         plot_losses(run_dir)
         history = read_expert_load(run_dir) if model.config.moe is not None else None
@@ -487,21 +674,7 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
             plot_expert_load(np.mean([load for _, load in history], axis=0), run_dir / "expert_load.png",
                              title="Expert load per layer, averaged over training")
     if "test" in records and config.eval.translate and _is_parallel(records["test"]):
-        d = config.data
-        test = records["test"]
-        n = min(config.eval.translate, len(test))
-        sources = [test[i]["src"] for i in range(n)]
-        references = [test[i]["tgt"] for i in range(n)]
-        prompt = batch_lib.PromptFormat(d.prompt)
-        hypotheses = translate(model, tokenizer, sources, prompt=lambda s: prompt.render(s, d.src_lang, d.tgt_lang),
-                               max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-        if primary:
-            _write_atomic(run_dir / "test.hyp.txt", "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
-        scores = score(hypotheses, references, lang_pair=f"{d.src_lang}-{d.tgt_lang}")
-        summary.update(test_sentences=n, test_bleu=scores["bleu"], test_chrf=scores["chrf"],
-                       bleu_signature=scores["bleu_signature"])
-        summary["samples"] = [{"source": s, "hypothesis": h, "reference": r}
-                              for s, h, r in list(zip(sources, hypotheses, references))[:5]]
+        summary.update(_test_translations(config, run_dir, model, tokenizer, records["test"], primary))
     export = run_dir / "model"
     if config.model.lora is not None:
         merge_lora(model)

@@ -25,7 +25,7 @@ def test_yaml_paths_are_relative_to_the_file_and_overrides_win(tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     ({"optim": {"steps": "ten"}}, r"optim.steps: expected an integer, got 'ten'"),
-    ({"optim": {"schedule": "step"}}, r"optim.schedule='step'; expected cosine or linear"),
+    ({"optim": {"schedule": "step"}}, r"optim.schedule='step'; expected cosine, linear or inverse_sqrt"),
     ({"optim": {"steps": 10, "warmup_steps": 10}}, r"expected 0 <= warmup_steps < steps"),
     ({"model": {"preset": "huge"}}, r"model.preset='huge'; expected one of"),
     ({"model": {"compute_dtype": "float16"}}, r"expected float32 or bfloat16"),
