@@ -167,10 +167,10 @@ class RunConfig:
     fine-tuning) or "cpo" (preference triplets, the `cpo` section)."""
 
     run_dir: str = "runs/train"
-    objective: str = "lm"
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    objective: str = "lm"
     model: ModelSection = ModelSection()
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()

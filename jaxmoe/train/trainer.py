@@ -545,6 +545,10 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     start = 0
     if restored is not None:
         start = restored.step
+        if start > o.steps:
+            checkpointer.close()
+            raise ConfigError(f"run folder {str(run_dir)!r} holds step {start}, past optim.steps={o.steps}; set "
+                              f"optim.steps >= {start} to finish it, or choose a new run_dir")
         stream.restore(restored["data"])
         log(f"resumed from step {start} in {checkpointer.directory}")
 

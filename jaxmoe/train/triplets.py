@@ -125,7 +125,9 @@ def _records(path: Path) -> Iterable[tuple[Any, str]]:
             raise DataError(f"{str(path)!r} is not valid JSON ({e})") from None
         yield from ((record, f"{str(path)!r}, entry {i}") for i, record in enumerate(records))
         return
-    for n, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only: str.splitlines would also split inside strings that hold U+2028 or U+0085, which
+    # json.dumps(ensure_ascii=False) writes as they are.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

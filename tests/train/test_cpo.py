@@ -387,3 +387,13 @@ def test_stream_serves_chosen_rows_then_rejected_rows_in_its_shuffled_order_and_
             np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="index=7"):
         resumed.restore({"epoch": 0, "index": 7, "batches": 0})
+
+
+def test_json_lines_with_unicode_line_separators_inside_strings_round_trip(tmp_path):
+    """json.dumps(ensure_ascii=False) keeps U+2028 and U+0085 as they are; lines are split on "\\n" only."""
+    from jaxmoe.train.cpo import read_triplets, write_triplets
+    record = {"source": "a\u2028b", "src_lang": "de", "tgt_lang": "en",
+              "candidates": [{"text": "good\u0085one", "score": 90.0}, {"text": "bad", "score": 1.0}]}
+    write_triplets(tmp_path / "t.jsonl", [record])
+    (triplet,) = read_triplets(tmp_path / "t.jsonl", src_lang="de", tgt_lang="en")
+    assert triplet.source == "a\u2028b" and triplet.chosen == "good\u0085one" and triplet.rejected == "bad"

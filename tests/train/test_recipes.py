@@ -250,6 +250,9 @@ def test_stage2_from_stage1_translates_every_direction_with_the_best_checkpoint(
              (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["split"] == "valid"}
     best = min(valid, key=valid.get)
     assert summary["exported_step"] == best and summary["valid_loss"] == valid[best]
+    cfg["optim"] = {**cfg["optim"], "steps": 2}
+    with pytest.raises(ConfigError, match=r"holds step 4, past optim.steps=2; set optim.steps >= 4"):
+        train(cfg, log=lambda _: None)
 
 
 # --- CPO through the training job -------------------------------------------------------------------------------
