@@ -2,7 +2,7 @@
 the inverse-sqrt schedule, LoRA dropout, the best checkpoint exported, test translations per direction, and the
 errors for bad recipe configs.
 
-The end-to-end runs share one tiny dense model setting so they reuse each other's compiled steps."""
+The end-to-end runs (slow tier) share one tiny dense model setting so they reuse each other's compiled steps."""
 
 import json
 import math
@@ -231,6 +231,7 @@ def stage1(corpus, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # about 40 s with the shared stage-1 run: the default tier's budget
 def test_stage2_from_stage1_translates_every_direction_with_the_best_checkpoint(corpus, stage1, tmp_path):
     run_dir = tmp_path / "stage2"
     cfg = config(corpus, run_dir, {"train": pairs_spec(corpus, both_directions=True, max_pairs=20),
@@ -266,6 +267,7 @@ def write_candidates(path: Path, corpus: Path, n: int) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
+@pytest.mark.slow  # about 40 s with the shared stage-1 run: the default tier's budget
 def test_cpo_objective_trains_lora_on_triplets_and_raises_the_margin(corpus, stage1, tmp_path):
     write_candidates(tmp_path / "train.jsonl", corpus, 16)
     write_candidates(tmp_path / "valid.jsonl", corpus, 8)
