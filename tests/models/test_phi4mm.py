@@ -209,6 +209,7 @@ def test_each_rows_input_mode_selects_its_adapter_as_peft_applies_it(reference, 
         load_peft_adapter(jaxmoe.load_hf(reference[1]), tmp_path / "vision", "vision")
 
 
+@pytest.mark.slow  # 8-12 s: kept out of the default tier's 8-minute budget
 def test_loading_onto_a_mesh_shards_the_language_model_and_keeps_the_logits(model, reference):
     from jaxmoe import sharding
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)

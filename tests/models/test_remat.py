@@ -78,6 +78,7 @@ def test_remat_keeps_no_attention_probabilities_for_the_backward(rng):
     assert not any(shape[-2:] == (t, t) for shape in residual_shapes("layer"))
 
 
+@pytest.mark.slow  # 8-12 s: kept out of the default tier's 8-minute budget
 def test_a_train_step_with_remat_takes_the_same_step(rng):
     """One layer (the RNG hand-over between layers is checked above)."""
     ids = jnp.asarray(rng.integers(3, 512, size=(2, 16)), jnp.int32)

@@ -257,6 +257,7 @@ def loaded_on_make_mesh(path, axis_types):
 # default (Explicit axes), the slow tier on Auto axes too.
 @pytest.mark.parametrize("axis_types", [jax.sharding.AxisType.Explicit,
                                         pytest.param(jax.sharding.AxisType.Auto, marks=SLOW)], ids=["explicit", "auto"])
+@pytest.mark.slow  # 8-12 s: kept out of the default tier's 8-minute budget
 def test_load_hf_with_a_jax_make_mesh_runs_eagerly_on_plain_ids(axis_types, checkpoint):
     """The issue's path as a new user takes it: load_hf onto jax.make_mesh((8,), ("expert",)), then m(ids) with
     plain int32 ids, no jit."""

@@ -185,6 +185,7 @@ def test_a_run_trains_evaluates_exports_and_plots(finished_run):
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == sorted({4, 6, best})  # last 2 + best
 
 
+@pytest.mark.slow  # 8-12 s: kept out of the default tier's 8-minute budget
 def test_a_model_transformers_has_no_class_for_is_exported_in_jaxmoe_format(corpus, tmp_path):
     """A dense model with LayerNorm and biases (the MoQE dense twin) has no Phi3ForCausalLM form."""
     import jaxmoe
@@ -334,6 +335,7 @@ def test_a_model_that_does_not_fit_the_checkpoint_is_refused(corpus, finished_ru
         train(bigger, log=lambda _: None)
 
 
+@pytest.mark.slow  # 8-12 s: kept out of the default tier's 8-minute budget
 def test_bf16_compute_with_accumulation_keeps_fp32_master_weights(corpus, tmp_path):
     config = base_config(corpus, tmp_path / "run", optim={"steps": 3, "warmup_steps": 0, "grad_accum": 2},
                          eval=QUIET)
