@@ -56,7 +56,7 @@ CATEGORIES = [
     ("dispatch/combine", r"jaxmoe/moe/dispatch\.py"),
     ("experts", r"jaxmoe/moe/experts\.py|pallas_kernels/grouped/"),
     ("mlp", r"jaxmoe/nn/mlp\.py"),
-    ("loss + metrics", r"jaxmoe/train/loop\.py:(next_token_stats|_objective|_target_weights)|nn/tokens\.py|optax/losses"),
+    ("loss + metrics", r"jaxmoe/train/loop\.py:(next_token_stats|_objective|target_weights)|nn/tokens\.py|optax/losses"),
     ("aux losses", r"jaxmoe/models/phi3\.py:routing_losses$"),
     ("lm head + model glue", r"jaxmoe/models/phi3\.py"),
     ("optimizer", r"jaxmoe/train/loop\.py:_train_step$"),

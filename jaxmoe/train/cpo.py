@@ -30,9 +30,10 @@ import optax
 from flax import nnx
 
 from jaxmoe.sharding import on_auto_axes
-from jaxmoe.train.loop import Batch, _check_batch, _keep_layout, _layout, _target_weights, current_learning_rate
+from jaxmoe.train.loop import (Batch, check_batch, current_learning_rate, keep_param_layout, param_layout,
+                               target_weights)
 # The triplet data and batches live in jaxmoe.train.triplets; a CPO run needs both, so they are importable here too.
-from jaxmoe.train.triplets import (PreferenceBatch, PreferenceStream, Triplet, _is_number, build_triplets,
+from jaxmoe.train.triplets import (PreferenceBatch, PreferenceStream, Triplet, build_triplets, is_number,
                                    encode_preference, preference_eval_batches, read_triplets, write_triplets)
 
 __all__ = ["LOSS_TYPES", "METRICS", "CPOConfig", "PreferenceBatch", "PreferenceStream", "SequenceLogps", "Triplet",
@@ -50,16 +51,16 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 def _check_settings(beta, loss_type, label_smoothing, simpo_gamma, cpo_alpha, where: str) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"{where}: loss_type={loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-    if not _is_number(beta) or beta <= 0:
+    if not is_number(beta) or beta <= 0:
         raise ValueError(f"{where}: beta={beta!r}; expected a finite number > 0 (ALMA-R uses 0.1)")
-    if not _is_number(label_smoothing) or not 0 <= label_smoothing < 0.5:
+    if not is_number(label_smoothing) or not 0 <= label_smoothing < 0.5:
         raise ValueError(f"{where}: label_smoothing={label_smoothing!r}; expected a number in [0, 0.5) (0: none)")
     if label_smoothing and loss_type not in ("sigmoid", "simpo"):
         raise ValueError(f"{where}: label_smoothing={label_smoothing!r} with loss_type={loss_type!r}; label "
                          "smoothing applies to the sigmoid and simpo losses only: set it to 0")
-    if not _is_number(simpo_gamma):
+    if not is_number(simpo_gamma):
         raise ValueError(f"{where}: simpo_gamma={simpo_gamma!r}; expected a finite number (SimPO's margin, 0.5)")
-    if not _is_number(cpo_alpha) or cpo_alpha < 0:
+    if not is_number(cpo_alpha) or cpo_alpha < 0:
         raise ValueError(f"{where}: cpo_alpha={cpo_alpha!r}; expected a finite number >= 0 (1.0: CPO; 0: no NLL "
                          "term)")
 
@@ -157,7 +158,7 @@ def _check_preference_batch(batch) -> Batch:
     if not isinstance(batch, PreferenceBatch):
         raise TypeError(f"expected a PreferenceBatch; got a {type(batch).__name__}")
     as_batch = Batch(jnp.asarray(batch.input_ids), jnp.asarray(batch.loss_mask), jnp.asarray(batch.attention_mask))
-    _check_batch(as_batch, rank=2)
+    check_batch(as_batch, rank=2)
     if as_batch.input_ids.shape[0] % 2:
         raise ValueError(f"PreferenceBatch has {as_batch.input_ids.shape[0]} rows; expected 2b: b chosen rows, then "
                          "b rejected rows")
@@ -167,7 +168,7 @@ def _check_preference_batch(batch) -> Batch:
 def _forward(model, batch: PreferenceBatch, rngs) -> tuple[SequenceLogps, Any]:
     as_batch = _check_preference_batch(batch)
     out = model(as_batch.input_ids, attention_mask=as_batch.attention_mask, rngs=rngs)
-    weight_bt = _target_weights(as_batch)
+    weight_bt = target_weights(as_batch)
     nll_bt = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32),
                                                              as_batch.input_ids[:, 1:])
     # where, not a product: a filler row (no tokens at all) must not leak a NaN into the sums.
@@ -221,7 +222,7 @@ def cpo_train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Preferenc
     if not isinstance(config, CPOConfig):
         raise TypeError(f"cpo_train_step: config is a {type(config).__name__}; expected a CPOConfig")
     _check_preference_batch(batch)
-    return _cpo_train_step(model, optimizer, batch, rngs, config, _layout(model, optimizer))
+    return _cpo_train_step(model, optimizer, batch, rngs, config, param_layout(model, optimizer))
 
 
 @functools.partial(nnx.jit, donate_argnames=("model", "optimizer"), static_argnames=("config", "layout"))
@@ -237,7 +238,7 @@ def _cpo_train_step(model, optimizer, batch, rngs, config: CPOConfig, layout) ->
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trained)
     optimizer.update(model, grads)
     if layout is not None:
-        _keep_layout(model, optimizer, layout)
+        keep_param_layout(model, optimizer, layout)
     metrics.update(grad_norm=optax.global_norm(grads), learning_rate=current_learning_rate(optimizer))
     return metrics
 

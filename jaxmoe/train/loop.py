@@ -135,7 +135,7 @@ def _transformation(config: TrainConfig) -> optax.GradientTransformation:
         learning_rate=learning_rate_schedule(config), config=config)
 
 
-def _target_weights(batch: Batch) -> jax.Array:
+def target_weights(batch: Batch) -> jax.Array:
     """float32 [b, t - 1]: 1 where logits t predict token t + 1 and both count (see Batch)."""
     weight_bt = batch.loss_mask[:, 1:].astype(jnp.float32)
     if batch.attention_mask is not None:
@@ -147,7 +147,7 @@ def _target_weights(batch: Batch) -> jax.Array:
     return weight_bt
 
 
-def _check_batch(batch: Batch, rank: int) -> None:
+def check_batch(batch: Batch, rank: int) -> None:
     shape = tuple(batch.input_ids.shape)
     for name in ("loss_mask", "attention_mask", "segment_ids", "positions"):
         field = getattr(batch, name)
@@ -171,7 +171,7 @@ def next_token_stats(logits_btv: jax.Array, batch: Batch) -> dict[str, jax.Array
                          "those ids")
     logits_btv = logits_btv[:, :-1]
     targets_bt = batch.input_ids[:, 1:]
-    weight_bt = _target_weights(batch)
+    weight_bt = target_weights(batch)
     nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
     correct_bt = (greedy_tokens(logits_btv) == targets_bt) & (weight_bt > 0)
     return {"loss_sum": jnp.sum(nll_bt * weight_bt), "tokens": jnp.sum(weight_bt),
@@ -193,7 +193,7 @@ def next_token_stats_from_hidden(hidden_btd: jax.Array, head: OutputHead, batch:
     # Every position goes in, the last one with weight 0 (it predicts nothing): hidden_btd[:, :-1] would copy the
     # hidden states, and t - 1 rows split into chunks less evenly.
     targets_bt = jnp.pad(batch.input_ids[:, 1:], ((0, 0), (0, 1)))
-    weights_bt = jnp.pad(_target_weights(batch), ((0, 0), (0, 1)))
+    weights_bt = jnp.pad(target_weights(batch), ((0, 0), (0, 1)))
     return fused_cross_entropy(hidden_btd.reshape(b * t, d), head, targets_bt.reshape(-1), weights_bt.reshape(-1))
 
 
@@ -222,8 +222,8 @@ def next_token_loss(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None = Non
     Returns (loss float32 [], stats: float32 [] sums over the batch's targets "loss_sum", "tokens", "correct";
     MoE models add "aux_loss", "router_z_loss" and "expert_load" [layers, experts]).
     """
-    _check_batch(batch, rank=2)
-    return _objective(model, batch, rngs, token_total=jnp.sum(_target_weights(batch)), micro_batches=1)
+    check_batch(batch, rank=2)
+    return _objective(model, batch, rngs, token_total=jnp.sum(target_weights(batch)), micro_batches=1)
 
 
 @on_auto_axes  # a mesh with Explicit axes: see jaxmoe.sharding
@@ -240,10 +240,10 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
     SparseMixer's sampling and the input jitter. Parameters and optimizer state placed on a mesh keep their
     shardings through the update.
     """
-    return _train_step(model, optimizer, batch, rngs, _layout(model, optimizer))
+    return _train_step(model, optimizer, batch, rngs, param_layout(model, optimizer))
 
 
-def _layout(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple | None:
+def param_layout(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple | None:
     """The NamedSharding of every trained parameter and optimizer-state leaf, or None when nothing is on a mesh.
     Leaves off the mesh (e.g. a fresh optimizer's step count) are first placed on it, replicated: the step
     returns them that way, and the same input layout on every step means one compile."""
@@ -271,7 +271,7 @@ def _canonical(s: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=s.memory_kind)
 
 
-def _keep_layout(model: nnx.Module, optimizer: nnx.Optimizer, layout: tuple) -> None:
+def keep_param_layout(model: nnx.Module, optimizer: nnx.Optimizer, layout: tuple) -> None:
     # Without the constraint GSPMD may choose other output shardings for updated values (e.g. a replicated bias
     # comes back split over `tensor`), and the next step would reshard them.
     state = (nnx.state(model, optimizer.wrt), nnx.state(optimizer))
@@ -287,11 +287,11 @@ def _keep_layout(model: nnx.Module, optimizer: nnx.Optimizer, layout: tuple) -> 
 def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs: nnx.Rngs | None,
                 layout: tuple | None) -> dict[str, jax.Array]:
     micro = batch.input_ids.ndim == 3
-    _check_batch(batch, rank=3 if micro else 2)
+    check_batch(batch, rank=3 if micro else 2)
     if not micro:
         batch = jax.tree.map(lambda x: x[None], batch)
     micro_batches = batch.input_ids.shape[0]
-    token_total = jnp.sum(jax.vmap(_target_weights)(batch))
+    token_total = jnp.sum(jax.vmap(target_weights)(batch))
     # One key per stream for this step; micro-batch i folds in i, so each draws fresh, reproducible noise.
     keys = None if rngs is None else {name: stream() for name, stream in rngs.items()}
     graphdef, trained, rest = nnx.split(model, optimizer.wrt, ...)
@@ -315,7 +315,7 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs:
         grads, stats = jax.lax.scan(micro_step, zeros, (jnp.arange(micro_batches), batch))
     optimizer.update(model, grads)
     if layout is not None:
-        _keep_layout(model, optimizer, layout)
+        keep_param_layout(model, optimizer, layout)
     tokens = jnp.sum(stats["tokens"])
     metrics = {"loss": jnp.sum(stats["loss_sum"]) / jnp.maximum(tokens, 1.0),
                "grad_norm": optax.global_norm(grads),

@@ -29,7 +29,7 @@ __all__ = ["PreferenceBatch", "PreferenceStream", "Triplet", "build_triplets", "
            "preference_eval_batches", "read_triplets", "write_triplets"]
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and \
         math.isfinite(float(value))
 
@@ -64,7 +64,7 @@ def _field(record: Mapping, key: str, kind, where: str):
         raise DataError(f"{where}: no field {key!r}; found {sorted(record)[:12]}")
     value = record[key]
     if kind is float:
-        if not _is_number(value):
+        if not is_number(value):
             raise DataError(f"{where}: field {key!r} is {value!r}; expected a finite number")
         return float(value)
     if not isinstance(value, kind):
@@ -104,7 +104,7 @@ def _alma_r_triplet(t: Mapping, where: str, src_lang: str, tgt_lang: str, scorer
              _field(t, f"alma_{tgt_lang}", str, where)]
     delta = t.get("Delta")
     if delta is not None and delta != 0:  # a human judgement of GPT-4 against ALMA decides, the reference aside
-        if not _is_number(delta):
+        if not is_number(delta):
             raise DataError(f"{where}: field 'Delta' is {delta!r}; expected a finite number or null")
         chosen, rejected = (texts[1], texts[2]) if delta > 0 else (texts[2], texts[1])
         problem = (f"Delta={delta!r} prefers one of two identical translations {chosen!r:.80}"
@@ -301,7 +301,7 @@ def build_triplets(model, tokenizer, sources: Sequence[str], references: Sequenc
                                ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
             raise ValueError(f"build_triplets: {name}={value!r}; expected an int >= {least}")
-    if not _is_number(temperature) or temperature <= 0:
+    if not is_number(temperature) or temperature <= 0:
         raise ValueError(f"build_triplets: temperature={temperature!r}; expected a number > 0 (sampling)")
     if scorer is None and metric not in ("chrf", "bleu"):
         raise ValueError(f"build_triplets: metric={metric!r}; expected 'chrf' or 'bleu', or pass scorer=")
@@ -317,7 +317,7 @@ def build_triplets(model, tokenizer, sources: Sequence[str], references: Sequenc
         flat_scores = _metric_scores(metric, tgt_lang, flat_texts, flat_refs)
     else:
         flat_scores = list(scorer(flat_sources, flat_texts))
-        if len(flat_scores) != len(flat_texts) or not all(_is_number(s) for s in flat_scores):
+        if len(flat_scores) != len(flat_texts) or not all(is_number(s) for s in flat_scores):
             raise ValueError(f"build_triplets: scorer returned {len(flat_scores)} values for {len(flat_texts)} "
                              f"candidates (first {flat_scores[:3]!r}); expected one finite number per candidate")
     records, skipped, at = [], 0, 0
