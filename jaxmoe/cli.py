@@ -72,13 +72,54 @@ def _build_parser() -> _Parser:
                        help="config overrides, e.g. optim.steps=200 run_dir=runs/x model.overrides.num_layers=4")
 
     evalmt = commands.add_parser(
-        "eval-mt", help="score line-aligned translations with sacrebleu (BLEU and chrF)",
-        description="Prints one JSON object with bleu and chrf (sacrebleu's default corpus settings, with the "
-                    "tokenizer sacrebleu picks for the target language) and their signatures.")
+        "eval-mt", help="score translations (sacrebleu BLEU, chrF, doc-BLEU) or run the WMT'22 GPT-MT suite",
+        description="File mode (--hyp, --ref): prints one JSON object with bleu and chrf (sacrebleu's default "
+                    "corpus settings, with the tokenizer sacrebleu picks for the target language), their "
+                    "signatures, and doc_bleu with --docs. Suite mode (--suite wmt22): translates GPT-MT's WMT'22 "
+                    "test sets with --model (zero- or k-shot, sentence or document level) or scores existing "
+                    "outputs in --hyp-dir, then prints one table (pairs x metrics) and writes results.json.")
     evalmt.add_argument("--src", type=Path, default=None, help="source file (optional; checked for alignment)")
-    evalmt.add_argument("--hyp", type=Path, required=True, help="system translations, one per line")
-    evalmt.add_argument("--ref", type=Path, required=True, help="reference translations, one per line")
+    evalmt.add_argument("--hyp", type=Path, default=None, help="system translations, one per line")
+    evalmt.add_argument("--ref", type=Path, default=None, help="reference translations, one per line")
     evalmt.add_argument("--lang-pair", default=None, help="xx-yy, e.g. de-en or en-zh (sets the BLEU tokenizer)")
+    evalmt.add_argument("--docs", type=Path, default=None,
+                        help="one document id per line of --ref: adds doc_bleu (documents joined, then corpus BLEU)")
+    suite = evalmt.add_argument_group("suite mode")
+    suite.add_argument("--suite", choices=("wmt22",), default=None, help="run GPT-MT's WMT'22 evaluation")
+    suite.add_argument("--data", type=Path, default=None,
+                       help="GPT-MT data folder: wmt-testset/, wmt-testset-docids/, data-shots/ (default: "
+                            "$JAXMOE_GPT_MT_DATA; in this repository ../shared/data/gpt-mt)")
+    suite.add_argument("--pairs", default="de-en,en-de", help="comma-separated pairs (default: %(default)s)")
+    suite.add_argument("--model", type=Path, default=None, help="checkpoint folder to translate with")
+    suite.add_argument("--hyp-dir", type=Path, default=None,
+                       help="score existing outputs laid out as DIR/xxyy/test.xx-yy.yy instead of translating")
+    suite.add_argument("--shots", default="none", help="none (zero-shot), RR, QR, QS, DF or DR (default: none)")
+    suite.add_argument("--k", type=int, default=5, help="shots per prompt when --shots is set (default: 5)")
+    suite.add_argument("--shot-pool", default=None, metavar="FILE",
+                       help="select shots from this pool (JSON list of {source, target}, or ALMA JSON/JSONL) "
+                            "instead of the paper's released files; seeded by --seed")
+    suite.add_argument("--similarity", choices=("tfidf", "model"), default="tfidf",
+                       help="QS shots from a pool: character n-gram TF-IDF or the model's hidden states")
+    suite.add_argument("--prompt", default="gpt-mt",
+                       help="gpt-mt (default), alma, a format string with {src} {src_lang} {tgt_lang}, or Jinja")
+    suite.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
+    suite.add_argument("--doc-window", type=int, default=None, metavar="W",
+                       help="document level: translate W sentences (2..32) per prompt")
+    suite.add_argument("--limit", type=_positive_int, default=None, help="only the first N lines of each test set")
+    suite.add_argument("--num-beams", type=_positive_int, default=1, help="1: greedy (default); more: beam search")
+    suite.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
+    suite.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per batch (default: 16)")
+    suite.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help="per prompt (default: 128, or 64 x W with --doc-window)")
+    suite.add_argument("--seed", type=int, default=0, help="seed for RR/QR/DF/DR shots from a pool (default: 0)")
+    suite.add_argument("--comet", type=Path, default=None, help="local COMET-22 model folder (comet extra)")
+    suite.add_argument("--cometkiwi", type=Path, default=None, help="local COMETkiwi model folder (comet extra)")
+    suite.add_argument("--hybrid-with", type=Path, default=None, metavar="DIR",
+                       help="also route per sentence between the suite's outputs (A) and DIR's (B) by QE")
+    suite.add_argument("--route", choices=("max", "threshold"), default="max", help="hybrid routing rule")
+    suite.add_argument("--threshold", type=float, default=None, help="threshold routing: take B below this QE")
+    suite.add_argument("--out", type=Path, default=None,
+                       help="output folder for translations and results.json (default: runs/eval-mt-<time>)")
 
     tr = commands.add_parser(
         "translate", help="translate a file line by line with a trained model, in batches",
@@ -148,8 +189,124 @@ def _run_train(args) -> int:
 def _run_eval_mt(args) -> int:
     from jaxmoe.mt.eval import score_files
 
-    print(json.dumps(score_files(args.src, args.hyp, args.ref, lang_pair=args.lang_pair), ensure_ascii=False))
+    if args.suite is not None:
+        return _run_eval_suite(args)
+    if args.hyp is None or args.ref is None:
+        raise UsageError("eval-mt needs --hyp FILE and --ref FILE (file mode), or --suite wmt22 with --model or "
+                         "--hyp-dir (suite mode)")
+    print(json.dumps(score_files(args.src, args.hyp, args.ref, lang_pair=args.lang_pair, docs=args.docs),
+                     ensure_ascii=False))
     return 0
+
+
+def _run_eval_suite(args) -> int:
+    import os
+    import time
+
+    from jaxmoe.mt import suite
+    from jaxmoe.mt.hybrid import CometScorer, RoundTripChrF, comet_available
+    from jaxmoe.mt.prompts import TranslationPrompt
+    from jaxmoe.mt.shots import read_pool
+
+    data = args.data or (Path(os.environ["JAXMOE_GPT_MT_DATA"]) if os.environ.get("JAXMOE_GPT_MT_DATA") else None)
+    if data is None:
+        raise UsageError("--suite needs the GPT-MT data folder: pass --data DIR (wmt-testset/, wmt-testset-docids/, "
+                         "data-shots/) or set JAXMOE_GPT_MT_DATA")
+    if args.model is None and args.hyp_dir is None:
+        raise UsageError("--suite needs --model (translate) or --hyp-dir (score existing outputs)")
+    if args.model is not None and args.hyp_dir is not None and args.hybrid_with is None:
+        raise UsageError("--suite takes one of --model (translate) and --hyp-dir (score existing outputs); both "
+                         "only with --hybrid-with, where --model scores round-trip chrF")
+    if any(v is not None for v in (args.hyp, args.ref, args.src, args.docs)):
+        raise UsageError("--suite reads sources, references and document ids from --data; drop --src/--hyp/--ref/"
+                         "--docs")
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    known = suite.available_pairs(data)
+    unknown = [p for p in pairs if p not in known]
+    if not pairs or unknown:
+        raise UsageError(f"--pairs {args.pairs!r}: unknown pair(s) {', '.join(unknown) or '(none given)'}; known "
+                         f"pairs in {str(data)!r}: {', '.join(known)}")
+    shot_type = None if args.shots == "none" else args.shots
+    if shot_type is not None and shot_type not in suite.SHOT_TYPES:
+        raise UsageError(f"--shots {args.shots!r} is unknown; expected none, {', '.join(suite.SHOT_TYPES)}")
+    if args.k < 0:
+        raise UsageError(f"--k {args.k}: expected an integer >= 0")
+    if args.doc_window is not None and not 2 <= args.doc_window <= 32:
+        raise UsageError(f"--doc-window {args.doc_window}: expected 2..32 sentences per prompt")
+    comet = cometkiwi = None
+    if args.comet is not None or args.cometkiwi is not None:
+        if not comet_available():
+            raise UsageError("--comet/--cometkiwi need the unbabel-comet package: pip install 'jaxmoe[comet]'")
+        comet = CometScorer(args.comet) if args.comet is not None else None
+        cometkiwi = CometScorer(args.cometkiwi) if args.cometkiwi is not None else None
+    out = args.out or Path("runs") / time.strftime("eval-mt-%Y%m%d-%H%M%S")
+    model = tokenizer = None
+    if args.model is not None:
+        if not (args.model / "tokenizer.json").is_file():
+            raise UsageError(f"--model {str(args.model)!r} has no tokenizer.json; expected a checkpoint folder with "
+                             "config.json, model.safetensors and tokenizer.json")
+        tokenizer = Tokenizer.from_folder(args.model)
+        model = load_model(args.model)
+    if args.hyp_dir is not None:
+        rows = suite.score_hypothesis_dir(args.hyp_dir, data, pairs, limit=args.limit, comet=comet,
+                                          cometkiwi=cometkiwi)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {"hyp_dir": str(args.hyp_dir), "limit": args.limit}
+        suite.write_results(out, rows, settings)
+        system_a = args.hyp_dir
+    else:
+        prompt = TranslationPrompt(args.prompt, chat=tokenizer if args.chat else None)
+        pool = None
+        if args.shot_pool is not None:
+            if shot_type is None:
+                raise UsageError("--shot-pool needs --shots RR, QR, QS, DF or DR")
+            pool = {pair: read_pool(args.shot_pool, pair) for pair in pairs}
+        rows = suite.run_suite(model, tokenizer, data=data, pairs=pairs, out_dir=out, shot_type=shot_type,
+                               k=args.k, prompt=prompt, pool=pool, similarity=args.similarity, seed=args.seed,
+                               doc_window=args.doc_window, limit=args.limit, num_beams=args.num_beams,
+                               length_penalty=args.length_penalty, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, comet=comet, cometkiwi=cometkiwi)
+        settings = json.loads((out / "results.json").read_text())["settings"]
+        system_a = out
+    print(suite.format_table(rows))
+    if comet is None and cometkiwi is None:
+        print("COMET-22 / COMETkiwi columns skipped: pass --comet / --cometkiwi with local model folders and the "
+              "comet extra installed", file=sys.stderr)
+    if args.hybrid_with is not None:
+        if cometkiwi is not None:
+            scorers, qe = (lambda pair: cometkiwi), "COMETkiwi"
+        elif model is not None:
+            scorers, qe = (lambda pair: _round_trip_scorer(model, tokenizer, pair, args, RoundTripChrF)), \
+                "round-trip chrF"
+        else:
+            raise UsageError("--hybrid-with needs a QE scorer: --cometkiwi DIR, or --model for round-trip chrF")
+        hybrid = suite.hybrid_rows(data, pairs, system_a, args.hybrid_with, scorers, route=args.route,
+                                   threshold=args.threshold, limit=args.limit, out_dir=out / "hybrid")
+        print(f"\nhybrid: {args.route} routing by {qe}; A = {system_a}, B = {args.hybrid_with}")
+        print(suite.format_table(hybrid))
+        rows = rows + [dict(row, system="hybrid") for row in hybrid]
+        settings.update(hybrid_with=str(args.hybrid_with), route=args.route, threshold=args.threshold, qe=qe)
+        suite.write_results(out, rows, settings)
+    print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def _round_trip_scorer(model, tokenizer, pair: str, args, round_trip):
+    """Round-trip chrF for `pair` (src-tgt): back-translates target text into the source language, zero-shot,
+    with the model under test and the suite's prompt and decoding settings."""
+    from jaxmoe.mt.eval import translate
+    from jaxmoe.mt.prompts import TranslationPrompt
+
+    src, tgt = pair.split("-")
+    prompt = TranslationPrompt(args.prompt, chat=tokenizer if args.chat else None)
+
+    def back(texts):
+        return translate(model, tokenizer, [prompt.render(t, tgt, src) for t in texts], prompt=lambda t: t,
+                         max_new_tokens=args.max_new_tokens or 128, batch_size=args.batch_size,
+                         num_beams=args.num_beams, length_penalty=args.length_penalty, cut_at_newline=True,
+                         add_special_tokens=prompt.add_special_tokens, progress=f"{pair} round trip")
+
+    return round_trip(back)
 
 
 def _run_translate(args) -> int:

@@ -1,2 +1,3 @@
-"""Machine translation: sacrebleu scoring and batched greedy translation (eval.py), and the demo's generated
-rule-based language (synthetic.py)."""
+"""Machine translation: sacrebleu scoring and batched translation (eval.py), the GPT-MT evaluation harness
+(prompts.py, shots.py, documents.py, hybrid.py, suite.py: `jaxmoe eval-mt --suite wmt22`), and the demo's
+generated rule-based language (synthetic.py)."""

@@ -18,7 +18,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from jaxmoe.infer.generate import generate
 from jaxmoe.io.atomic import atomic_write_lines
 
-__all__ = ["read_lines", "score", "score_files", "translate", "translate_file"]
+__all__ = ["doc_bleu", "documents", "read_lines", "score", "score_files", "translate", "translate_file"]
 
 PROMPT_WIDTH_MULTIPLE = 16  # prompts are left-padded to a multiple of this, so batches reuse compiled shapes
 _LANG_PAIR = re.compile(r"[a-z]{2,3}-[a-z]{2,3}")
@@ -65,7 +65,39 @@ def _target_language(lang_pair: str | None) -> str:
     return lang_pair.split("-")[1]
 
 
-def score(hypotheses: list[str], references: list[str], *, lang_pair: str | None = None) -> dict:
+def _bleu(lang_pair: str | None) -> BLEU:
+    """sacreBLEU's BLEU with the tokenizer it picks for the target language; ja-mecab / ko-mecab need extras."""
+    target = _target_language(lang_pair)
+    try:
+        return BLEU(trg_lang=target)
+    except RuntimeError as e:  # sacreBLEU's "requires extra dependencies"
+        raise ValueError(f"BLEU for target language {target!r} uses sacreBLEU's {target}-mecab tokenizer, which "
+                         f"is not installed; pip install 'sacrebleu[{target}]' ({' '.join(str(e).split())})") from None
+
+
+def documents(docids: Sequence[str]) -> list[list[int]]:
+    """Line indices grouped by document id, documents in order of first appearance, lines in file order."""
+    groups: dict[str, list[int]] = {}
+    for i, doc in enumerate(docids):
+        groups.setdefault(doc, []).append(i)
+    return list(groups.values())
+
+
+def doc_bleu(hypotheses: Sequence[str], references: Sequence[str], docids: Sequence[str], *,
+             lang_pair: str | None = None) -> float:
+    """Corpus BLEU over documents: each document's hypotheses and references joined with a space (in line
+    order), then sacreBLEU's corpus BLEU with the target language's tokenizer."""
+    if not len(hypotheses) == len(references) == len(docids):
+        raise ValueError(f"{len(hypotheses)} hypotheses, {len(references)} references and {len(docids)} document "
+                         "ids; expected one of each per test line")
+    groups = documents(docids)
+    joined_hyp = [" ".join(hypotheses[i] for i in g) for g in groups]
+    joined_ref = [" ".join(references[i] for i in g) for g in groups]
+    return float(_bleu(lang_pair).corpus_score(joined_hyp, [joined_ref]).score)
+
+
+def score(hypotheses: list[str], references: list[str], *, lang_pair: str | None = None,
+          docids: Sequence[str] | None = None) -> dict:
     """Corpus BLEU and chrF of line-aligned `hypotheses` against one reference each, as a JSON-able dict.
 
     BLEU's tokenizer is the one sacreBLEU picks for the target language of `lang_pair` ("src-tgt"; None: 13a).
@@ -79,9 +111,13 @@ def score(hypotheses: list[str], references: list[str], *, lang_pair: str | None
                          "per reference, line-aligned")
     if not hypotheses:
         raise ValueError("no segments to score; expected at least one hypothesis and reference")
-    bleu_metric, chrf_metric = BLEU(trg_lang=_target_language(lang_pair)), CHRF()
+    bleu_metric, chrf_metric = _bleu(lang_pair), CHRF()
     bleu = bleu_metric.corpus_score(hypotheses, [references])
     chrf = chrf_metric.corpus_score(hypotheses, [references])
+    extra = {}
+    if docids is not None:
+        extra = {"doc_bleu": doc_bleu(hypotheses, references, docids, lang_pair=lang_pair),
+                 "documents": len(documents(docids))}
     return {
         "bleu": float(bleu.score),
         "chrf": float(chrf.score),
@@ -95,11 +131,13 @@ def score(hypotheses: list[str], references: list[str], *, lang_pair: str | None
         "bleu_ratio": float(bleu.ratio),
         "bleu_sys_len": int(bleu.sys_len),
         "bleu_ref_len": int(bleu.ref_len),
+        **extra,
     }
 
 
-def score_files(src, hyp, ref, *, lang_pair: str | None = None) -> dict:
-    """Scores the line-aligned files `hyp` against `ref` (see `score`); `src` (or None) only has to align."""
+def score_files(src, hyp, ref, *, lang_pair: str | None = None, docs=None) -> dict:
+    """Scores the line-aligned files `hyp` against `ref` (see `score`); `src` (or None) only has to align. `docs`:
+    a file with one document id per line (as many lines as `ref`), which adds doc_bleu."""
     files = {"--hyp file": hyp, "--ref file": ref} if src is None else {"--src file": src, "--hyp file": hyp,
                                                                        "--ref file": ref}
     lines = {what: read_lines(path, what=what) for what, path in files.items()}
@@ -107,7 +145,13 @@ def score_files(src, hyp, ref, *, lang_pair: str | None = None) -> dict:
         counts = ", ".join(f"{what} {str(files[what])!r} has {len(segments)} lines"
                            for what, segments in lines.items())
         raise ValueError(f"the files are not line-aligned: {counts}; expected the same number of lines in each")
-    return score(lines["--hyp file"], lines["--ref file"], lang_pair=lang_pair)
+    docids = None
+    if docs is not None:
+        docids = read_lines(docs, what="--docs file")
+        if len(docids) != len(lines["--ref file"]):
+            raise ValueError(f"--docs file {str(docs)!r} has {len(docids)} document ids but --ref file {str(ref)!r} "
+                             f"has {len(lines['--ref file'])} lines; expected one document id per test line")
+    return score(lines["--hyp file"], lines["--ref file"], lang_pair=lang_pair, docids=docids)
 
 
 def _positive_int(value, name: str) -> int:
@@ -118,7 +162,8 @@ def _positive_int(value, name: str) -> int:
 
 def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], str], max_new_tokens: int,
               batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
-              cut_at_newline: bool = False) -> list[str]:
+              cut_at_newline: bool = False, stop: str | None = None, add_special_tokens: bool = True,
+              progress: str | None = None) -> list[str]:
     """Greedy (num_beams=1) or beam search translations of `sources`, one stripped str each, in the order given.
 
     Each source becomes `prompt(source)`, encoded with the tokenizer's special tokens (e.g. its BOS). Prompts
@@ -127,13 +172,18 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
     tokenizer's EOS id or any of the model config's `eos_token_id`, and is decoded without special tokens.
     `num_beams` and `length_penalty` go to `jaxmoe.generate` (the best hypothesis is kept). `cut_at_newline`
     keeps only the first line of each stripped output (ALMA's decoding: the translation ends at the first line
-    break; a line break right after the prompt is skipped by the strip).
+    break; a line break right after the prompt is skipped by the strip). `stop` cuts each stripped output at
+    the first occurrence of that string (e.g. "\n\n" after a multi-line document window). `add_special_tokens`
+    False encodes prompts without the tokenizer's BOS (a chat template writes its own). `progress`: a label for a
+    tqdm progress bar over the batches (None: no bar).
     """
     sources = _check_segments(sources, "sources")
     batch_size = _positive_int(batch_size, "batch_size")
     max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
     if not isinstance(cut_at_newline, bool):
         raise TypeError(f"cut_at_newline={cut_at_newline!r}; expected True or False")
+    if stop is not None and (not isinstance(stop, str) or not stop):
+        raise ValueError(f"stop={stop!r}; expected a non-empty str or None")
     if not sources:
         return []
     config = model.config
@@ -148,7 +198,7 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
         if not isinstance(text, str):
             raise TypeError(f"prompt(sources[{i}]) returned a {type(text).__name__}; expected str")
         prompts.append(text)
-    lengths = [len(tokenizer.encode(text)) for text in prompts]
+    lengths = [len(tokenizer.encode(text, add_special_tokens=add_special_tokens)) for text in prompts]
     if min(lengths) == 0:
         empty = lengths.index(0)
         raise ValueError(f"prompt(sources[{empty}]) = {prompts[empty]!r} encodes to no tokens; the model needs at "
@@ -164,10 +214,16 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
     order = sorted(range(len(sources)), key=lambda i: lengths[i])
     rows = min(batch_size, len(sources))
     outputs: list[str | None] = [None] * len(sources)
-    for start in range(0, len(order), rows):
+    starts = range(0, len(order), rows)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for start in starts:
         members = order[start:start + rows]
         filled = members + [members[-1]] * (rows - len(members))
-        ids, mask = tokenizer.batch_encode([prompts[i] for i in filled], pad_id=pad_id)
+        ids, mask = tokenizer.batch_encode([prompts[i] for i in filled], pad_id=pad_id,
+                                           add_special_tokens=add_special_tokens)
         width = -(-ids.shape[1] // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
         extra = min(width, limit - max_new_tokens) - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
@@ -178,6 +234,8 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
         for source_index, row in zip(members, tokens):
             ends = np.flatnonzero(np.isin(row, eos_ids))
             text = tokenizer.decode(row[:ends[0]] if ends.size else row, skip_special_tokens=True).strip()
+            if stop is not None:
+                text = text.split(stop, 1)[0].rstrip()
             outputs[source_index] = text.split("\n", 1)[0].rstrip() if cut_at_newline else text
     return outputs
 
