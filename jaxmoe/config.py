@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import math
 
-__all__ = ["LongRoPE", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
+__all__ = ["LongRoPE", "MoEConfig", "ModelConfig", "PRESETS", "TaskAdapterConfig", "get_preset"]
 
 
 def require(config, ok: bool, what: str) -> None:
@@ -67,6 +67,36 @@ class LongRoPE:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TaskAdapterConfig:
+    """Task information inside every MoE layer (Pham et al. 2023, paper_methods.md §h; `jaxmoe.moe.task_adapters`).
+
+    The model then takes one task id per batch row (e.g. the language pair), in [0, num_tasks). `mode` picks the
+    granularity:
+      "static":  one bottleneck adapter per task, chosen by the task id, applied to the MoE output;
+      "dynamic": a pool of `pool_size` shared adapters; a router over a learned task embedding picks
+                 `pool_top_k` of them per task (not per token);
+      "token":   task-aware token routing: the expert router sees [x; t], t a learned task embedding.
+    `bottleneck` is read by "static" and "dynamic", `task_embed_dim` by "dynamic" and "token", `pool_size` and
+    `pool_top_k` by "dynamic" only. Reserve ids for tasks added later: their rows train alone
+    (`jaxmoe.moe.task_adapters.new_task_optimizer`).
+    """
+
+    mode: str
+    num_tasks: int
+    bottleneck: int = 64
+    task_embed_dim: int = 32
+    pool_size: int = 4
+    pool_top_k: int = 1
+
+    def __post_init__(self):
+        require(self, self.mode in ("static", "dynamic", "token"),
+                f"mode={self.mode!r}; expected 'static', 'dynamic' or 'token'")
+        require_positive_ints(self, ("num_tasks", "bottleneck", "task_embed_dim", "pool_size", "pool_top_k"))
+        require(self, self.pool_top_k <= self.pool_size,
+                f"pool_top_k={self.pool_top_k} with pool_size={self.pool_size}; expected pool_top_k <= pool_size")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class MoEConfig:
     """The sparse feed-forward block of Phi-3.5-MoE / GRIN-MoE (`model_type: phimoe`).
 
@@ -75,6 +105,8 @@ class MoEConfig:
     ceil(tokens * top_k / num_experts * capacity_factor) token copies per expert, in token order.
     `expert_parallel`: how tokens reach the experts' devices under a mesh with an `expert` axis ("auto",
     "all_gather" or "all_to_all"; see `jaxmoe.moe.parallel`).
+    `task_adapters`: task information at one of three granularities (`TaskAdapterConfig`; a dict of its fields,
+    as config files and checkpoints carry it, is converted); None: the plain, task-agnostic MoE.
     """
 
     num_experts: int
@@ -86,8 +118,20 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     expert_parallel: str = "auto"
+    task_adapters: TaskAdapterConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.task_adapters, dict):
+            known = {f.name for f in dataclasses.fields(TaskAdapterConfig)}
+            unknown = sorted(set(self.task_adapters) - known)
+            missing = [name for name in ("mode", "num_tasks") if name not in self.task_adapters]
+            if unknown or missing:
+                raise ValueError(f"invalid MoEConfig: task_adapters has unknown fields {unknown} and lacks "
+                                 f"{missing}; the fields are {sorted(known)}, mode and num_tasks required")
+            object.__setattr__(self, "task_adapters", TaskAdapterConfig(**self.task_adapters))
+        if not (self.task_adapters is None or isinstance(self.task_adapters, TaskAdapterConfig)):
+            raise ValueError(f"invalid MoEConfig: task_adapters={self.task_adapters!r}; expected a "
+                             "TaskAdapterConfig, a dict of its fields, or None")
         if self.expert_parallel not in ("auto", "all_gather", "all_to_all"):
             raise ValueError(f"invalid MoEConfig: expert_parallel={self.expert_parallel!r}; expected 'auto', "
                              "'all_gather' or 'all_to_all'")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jaxmoe.config import PRESETS, LongRoPE, MoEConfig, get_preset
+from jaxmoe.config import PRESETS, LongRoPE, MoEConfig, TaskAdapterConfig, get_preset
 
 TINY = get_preset("tiny")
 
@@ -107,3 +107,29 @@ def test_moe_top_k_larger_than_the_expert_count_is_named():
 def test_unknown_expert_parallel_strategy_is_named():
     with pytest.raises(ValueError, match="expert_parallel='ring'; expected 'auto', 'all_gather' or 'all_to_all'"):
         MoEConfig(num_experts=8, expert_parallel="ring")
+
+
+def test_task_adapter_settings_are_checked_with_the_value_named():
+    with pytest.raises(ValueError, match=r"invalid TaskAdapterConfig: mode='tokens'; expected 'static', 'dynamic'"):
+        TaskAdapterConfig("tokens", num_tasks=4)
+    with pytest.raises(ValueError, match=r"num_tasks=0; expected a positive integer"):
+        TaskAdapterConfig("static", num_tasks=0)
+    with pytest.raises(ValueError, match=r"pool_top_k=3 with pool_size=2"):
+        TaskAdapterConfig("dynamic", num_tasks=4, pool_size=2, pool_top_k=3)
+    with pytest.raises(ValueError, match=re.escape("unknown fields ['tasks'] and lacks ['num_tasks']")):
+        MoEConfig(num_experts=4, task_adapters={"mode": "static", "tasks": 4})
+
+
+def test_task_adapters_round_trip_through_the_checkpoint_dict_and_run_config_overrides():
+    """Checkpoints carry the config as JSON (jaxmoe.quant.checkpoint) and run configs give MoE changes as a dict
+    (jaxmoe.train.trainer.build_model): both arrive at the same frozen, hashable TaskAdapterConfig."""
+    import json
+
+    from jaxmoe.quant.checkpoint import config_from_dict, config_to_dict
+
+    tasks = TaskAdapterConfig("dynamic", num_tasks=6, bottleneck=8, task_embed_dim=4, pool_size=3, pool_top_k=2)
+    config = get_preset("tiny-moe").replace(moe=dataclasses.replace(get_preset("tiny-moe").moe, task_adapters=tasks))
+    again = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
+    assert again == config and hash(again) == hash(config)
+    overridden = dataclasses.replace(get_preset("tiny-moe").moe, **{"task_adapters": dataclasses.asdict(tasks)})
+    assert overridden.task_adapters == tasks

@@ -13,6 +13,7 @@ from jaxmoe.nn.lm_loss import OutputHead
 from jaxmoe.nn.mlp import GatedMLP
 from jaxmoe.moe.layer import SparseMoeBlock
 from jaxmoe.moe.router import expert_load, load_balancing_loss, router_z_loss
+from jaxmoe.moe.task_adapters import check_task_ids
 from jaxmoe.nn.norms import make_norm
 from jaxmoe.nn.rope import rope_cos_sin
 from jaxmoe.nn.tokens import check_token_ids
@@ -52,18 +53,19 @@ class DecoderLayer(nnx.Module):
             self.mlp = SparseMoeBlock(c.hidden_size, c.intermediate_size, c.moe, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, *, mask: AttentionMask, kv=None, index=None, rngs=None):
-        """Returns (y [b, t, d], updated kv or None, the MoE block's Routing or None)."""
+    def __call__(self, x_btd, cos, sin, *, mask: AttentionMask, kv=None, index=None, rngs=None, task_ids=None):
+        """Returns (y [b, t, d], updated kv or None, the MoE block's Routing or None). task_ids int [b] go to an
+        MoE block with task adapters."""
         attn_out, kv = self.self_attn(self.input_layernorm(x_btd), cos, sin, mask=mask, kv=kv, index=index)
         h = x_btd + attn_out
         normed = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoeBlock):
-            out, routing = self.mlp(normed, rngs=rngs)
+            out, routing = self.mlp(normed, rngs=rngs, task_ids=task_ids)
             return h + out, kv, routing
         return h + self.mlp(normed, rngs=rngs), kv, None
 
 
-def _rematerialised_layer(layer: DecoderLayer, x_btd, cos, sin, *, mask, kv, index, rngs):
+def _rematerialised_layer(layer: DecoderLayer, x_btd, cos, sin, *, mask, kv, index, rngs, task_ids=None):
     """`layer(...)` under `jax.checkpoint`: the backward keeps only the layer's inputs and recomputes its
     activations. The layer's state goes in as values and only the rngs' state comes back out, so the call also
     works where the parameters belong to an outer trace (generation's decode loop); the MoE routers' draws advance
@@ -71,12 +73,13 @@ def _rematerialised_layer(layer: DecoderLayer, x_btd, cos, sin, *, mask, kv, ind
     graphdef, state = nnx.split(layer)
     rng_graphdef, rng_state = nnx.split(rngs) if rngs is not None else (None, None)
 
-    def run(state, rng_state, x_btd, cos, sin, mask, kv, index):
+    def run(state, rng_state, x_btd, cos, sin, mask, kv, index, task_ids):
         layer_rngs = nnx.merge(rng_graphdef, rng_state) if rngs is not None else None
-        out = nnx.merge(graphdef, state)(x_btd, cos, sin, mask=mask, kv=kv, index=index, rngs=layer_rngs)
+        out = nnx.merge(graphdef, state)(x_btd, cos, sin, mask=mask, kv=kv, index=index, rngs=layer_rngs,
+                                         task_ids=task_ids)
         return out, (nnx.state(layer_rngs) if rngs is not None else None)
 
-    out, rng_state = jax.checkpoint(run)(state, rng_state, x_btd, cos, sin, mask, kv, index)
+    out, rng_state = jax.checkpoint(run)(state, rng_state, x_btd, cos, sin, mask, kv, index, task_ids)
     if rngs is not None:
         nnx.update(rngs, rng_state)
     return out
@@ -119,7 +122,8 @@ class Phi3ForCausalLM(nnx.Module):
     @on_auto_axes  # a mesh with Explicit axes: see jaxmoe.sharding
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  segment_ids=None, cache: KVCache | None = None, logits_to_keep: int = 0,
-                 return_hidden: bool = False, rngs: nnx.Rngs | None = None) -> CausalLMOutput:
+                 return_hidden: bool | str = False, rngs: nnx.Rngs | None = None,
+                 task_ids=None) -> CausalLMOutput:
         """input_ids int [b, t] -> CausalLMOutput(logits float32 [b, t, vocab], cache).
 
         inputs_embeds: optional float [b, t, hidden] used instead of embedding input_ids (multimodal models
@@ -134,9 +138,17 @@ class Phi3ForCausalLM(nnx.Module):
         logits_to_keep > 0 computes logits for the last that many positions only ([b, logits_to_keep, vocab]),
         as transformers does; generation's prefill needs just the last one. return_hidden=True returns the final
         normed hidden states [b, t, d] as `hidden_states` instead of the logits (None), for a loss that applies
-        `output_head()` itself (training's fused cross-entropy, jaxmoe.nn.lm_loss). `rngs` feeds the MoE routers'
-        sampling and jitter in training mode (`model.train()`).
+        `output_head()` itself (training's fused cross-entropy, jaxmoe.nn.lm_loss). return_hidden="pre_norm" returns
+        the logits as usual and, as `hidden_states`, the last layer's output BEFORE the final norm [b, t, d] (what
+        kNN-LM and PEMA memories key on, jaxmoe.mt.pema). `rngs` feeds the MoE routers' sampling and jitter in
+        training mode (`model.train()`). task_ids: int [b], each row's task (e.g. its language pair), required
+        exactly when the config has MoE task adapters (`MoEConfig.task_adapters`, jaxmoe.moe.task_adapters); ids
+        outside [0, num_tasks) raise here when concrete.
         """
+        pre_norm_hidden = isinstance(return_hidden, str)
+        if pre_norm_hidden and return_hidden != "pre_norm":
+            raise ValueError(f"return_hidden={return_hidden!r}; expected False (logits), True (final normed hidden "
+                             "states, no logits) or 'pre_norm' (logits and the hidden states before the final norm)")
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids int [batch, time] or inputs_embeds float [batch, time, hidden]")
         if input_ids is not None:
@@ -155,6 +167,7 @@ class Phi3ForCausalLM(nnx.Module):
                                  f"{' (input_ids shape plus hidden)' if input_ids is not None else ''}; got "
                                  f"{inputs_embeds.dtype} {list(inputs_embeds.shape)}")
         b, t = bt
+        task_ids = check_task_ids(task_ids, None if self.config.moe is None else self.config.moe.task_adapters, b)
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if segment_ids is not None:
             if cache is not None:
@@ -189,7 +202,8 @@ class Phi3ForCausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv, routing = call_layer(layer, x, cos, sin, mask=mask, kv=kv,
-                                        index=None if cache is None else cache.index, rngs=rngs)
+                                        index=None if cache is None else cache.index, rngs=rngs,
+                                        task_ids=task_ids)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -197,10 +211,13 @@ class Phi3ForCausalLM(nnx.Module):
                 routings.append(routing)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        pre_norm = x
         x = self.norm(x)
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions_bs=k_positions, index=cache.index + t)
-        if return_hidden:
+        if pre_norm_hidden:
+            out = CausalLMOutput(logits=self.output_head().logits(x), hidden_states=pre_norm, cache=cache)
+        elif return_hidden:
             out = CausalLMOutput(logits=None, hidden_states=x, cache=cache)
         else:
             out = CausalLMOutput(logits=self.output_head().logits(x), cache=cache)

@@ -15,7 +15,8 @@ from jaxmoe.models.phi3 import Phi3ForCausalLM
 
 
 class PhimoeForCausalLM(Phi3ForCausalLM):
-    """Token ids -> logits and routing losses. Call `model.train()` (and pass `rngs`) for SparseMixer sampling."""
+    """Token ids -> logits and routing losses. Call `model.train()` (and pass `rngs`) for SparseMixer sampling.
+    With `config.moe.task_adapters` set, every call takes `task_ids` int [b] (jaxmoe.moe.task_adapters)."""
 
     def __init__(self, config: ModelConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if config.moe is None:

@@ -5,6 +5,9 @@ the expert computation in `experts.py`.
 Parameter layout: `router` [d, e] (no bias), `w_gate_up` [e, d, 2f] ([..., :f] is the gate), `w_down` [e, f, d].
 After `jaxmoe.quantize(..., target="experts")` the expert weights are `jaxmoe.quant.QuantizedParam`s holding a
 `pallas_kernels.QuantizedWeight`, which goes into `moe_ffn` packed.
+With `MoEConfig.task_adapters` set, the block also owns `task_adapter` (`jaxmoe.moe.task_adapters`) and takes one
+task id per batch row: "token" mode adds the task's share to the router logits, "static" and "dynamic" adapt the
+experts' output.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.moe.experts import moe_ffn
 from jaxmoe.moe.parallel import moe_ffn_sharded
 from jaxmoe.moe.router import sparsemixer_noise, topk_router
+from jaxmoe.moe.task_adapters import check_task_ids, make_task_adapter
 
 
 @struct.dataclass
@@ -34,6 +38,7 @@ class SparseMoeBlock(nnx.Module):
     SparseMixer's sampling and the input jitter; training mode needs `rngs` at call time. `mesh` (set by
     `jaxmoe.sharding.shard_model` / `load_hf(mesh=...)`): with an `expert` axis of size > 1 the experts run
     expert-parallel inside one shard_map (`jaxmoe.moe.parallel.moe_ffn_sharded`, dropless only).
+    `task_adapter`: None, or the module `moe.task_adapters` configures (see `jaxmoe.moe.task_adapters`).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, moe: MoEConfig, *, dtype=None,
@@ -45,12 +50,18 @@ class SparseMoeBlock(nnx.Module):
         self.router = nnx.Linear(d, e, use_bias=False, kernel_init=init, param_dtype=param_dtype, rngs=rngs)
         self.w_gate_up = nnx.Param(init(rngs.params(), (e, d, 2 * f), param_dtype))
         self.w_down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+        self.task_adapter = None if moe.task_adapters is None else make_task_adapter(
+            moe.task_adapters, d, e, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.deterministic = True
         self.mesh = None
 
-    def __call__(self, x_btd: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Routing]:
-        """x [b, t, d] -> (y [b, t, d], Routing)."""
+    def __call__(self, x_btd: jax.Array, *, rngs: nnx.Rngs | None = None,
+                 task_ids: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+        """x [b, t, d] -> (y [b, t, d], Routing). task_ids int [b]: each row's task, required exactly when the
+        config has task adapters."""
         b, t, d = x_btd.shape
+        tasks = self.moe.task_adapters
+        task_ids = check_task_ids(task_ids, tasks, b)
         training = not self.deterministic
         if training and rngs is None:
             raise ValueError("the MoE block is in training mode (model.train()), where SparseMixer samples experts "
@@ -62,6 +73,8 @@ class SparseMoeBlock(nnx.Module):
             x_td = x_td * jax.random.uniform(rngs.jitter(), x_td.shape, x_td.dtype, 1.0 - eps, 1.0 + eps)
         # The router runs in fp32: bf16 logits can flip SparseMixer's 2% threshold and the argmax.
         logits_te = x_td.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
+        if tasks is not None and tasks.mode == "token":
+            logits_te = logits_te + self.task_adapter(task_ids, t)
         if self.moe.router == "sparsemixer":
             # The fused router of pallas_kernels (its Pallas kernel on GPU / TPU, its XLA twin elsewhere) with the
             # draws `jaxmoe.sparsemixer` makes; tests hold the two equal.
@@ -81,7 +94,10 @@ class SparseMoeBlock(nnx.Module):
             y_td = moe_ffn_sharded(*args, mesh=self.mesh, strategy=self.moe.expert_parallel)
         else:
             y_td = moe_ffn(*args, capacity_factor=self.moe.capacity_factor)
-        return y_td.reshape(b, t, d).astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)
+        y_btd = y_td.reshape(b, t, d)
+        if tasks is not None and tasks.mode != "token":
+            y_btd = self.task_adapter(y_btd, task_ids)
+        return y_btd.astype(x_btd.dtype), Routing(router_logits=logits_te, experts=experts_tk)
 
 
 def _expert_weight(variable: nnx.Variable, compute, sharded: bool):
