@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxmoe.infer.processors import hidden_mode, processed_logits
+
 __all__ = ["Beams", "beam_search", "beam_step", "check_beam_arguments", "init_beams"]
 
 _NEG = -1.0e9  # transformers' "never pick this" score offset, added (not assigned) exactly as there
@@ -118,9 +120,10 @@ def _take_rows(cache, rows):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "num_beams",
                                              "num_candidates"))
 def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, denominators, stop_when_full,
-                          optimistic_length, *, max_new_tokens, cache_len, num_beams, num_candidates):
+                          optimistic_length, processor, *, max_new_tokens, cache_len, num_beams, num_candidates):
     """The pure search program. Returns the banks' tokens int32 [b, num_beams, max_new_tokens], best first."""
     model = nnx.merge(graphdef, state)
+    hidden = hidden_mode(processor)
     b, t = ids_bt.shape
     n, width = num_beams, t + max_new_tokens
     n_real_x = jnp.repeat(jnp.sum(mask_bt, axis=1, dtype=jnp.int32), n)  # x: the b * n beam rows
@@ -128,7 +131,8 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
                                 num_candidates=num_candidates, stop_when_full=stop_when_full,
                                 optimistic_length=optimistic_length)
 
-    def advance(beams, logits_xv, cache):
+    def advance(beams, out, cache):
+        logits_xv = processed_logits(processor, beams.step, out, b * n)
         logprobs_bnv = jax.nn.log_softmax(logits_xv.astype(jnp.float32), axis=-1).reshape(b, n, -1)
         return step_fn(beams, logprobs_bnv), cache
 
@@ -138,8 +142,8 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
         cache = _take_rows(cache, (jnp.arange(b)[:, None] * n + beams.parents_bn).reshape(-1))
         token_x1 = jax.lax.dynamic_index_in_dim(beams.tokens_bnm, beams.step - 1, axis=2).reshape(b * n, 1)
         positions_x1 = (n_real_x + beams.step - 1)[:, None]
-        out = model(token_x1, positions=positions_x1, cache=cache, logits_to_keep=1)
-        return advance(beams, out.logits[:, -1], out.cache)
+        out = model(token_x1, positions=positions_x1, cache=cache, logits_to_keep=1, return_hidden=hidden)
+        return advance(beams, out, out.cache)
 
     def rebuild_step(carry, slot):
         """Runs every running beam's whole sequence up to column `slot` again into an emptied cache
@@ -149,15 +153,16 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
         buf = jnp.concatenate([jnp.repeat(ids_bt, n, axis=0), generated_xg], axis=1)
         valid = jnp.concatenate([jnp.repeat(mask_bt, n, axis=0), jnp.ones_like(generated_xg)], axis=1)
         emptied = cache.replace(index=jnp.zeros_like(cache.index))
-        out = model(buf, attention_mask=valid, cache=emptied, logits_to_keep=1)
-        return advance(beams, out.logits[:, -1], out.cache)
+        out = model(buf, attention_mask=valid, cache=emptied, logits_to_keep=1, return_hidden=hidden)
+        return advance(beams, out, out.cache)
 
     def decode_until(carry, stop):
         return jax.lax.while_loop(lambda c: (c[0].step < stop) & c[0].running, decode_step, carry)
 
-    prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1)
-    # The n beams of a prompt start as copies of its one prefilled row.
-    carry = advance(init_beams(b, n, max_new_tokens, pad_id), jnp.repeat(prefill.logits[:, -1], n, axis=0),
+    prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
+                    return_hidden=hidden)
+    # The n beams of a prompt start as copies of its one prefilled row (processed_logits repeats its outputs).
+    carry = advance(init_beams(b, n, max_new_tokens, pad_id), prefill,
                     _take_rows(prefill.cache, jnp.repeat(jnp.arange(b), n)))
     rope = model.config.longrope
     if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
@@ -195,11 +200,12 @@ def check_beam_arguments(*, num_beams, length_penalty, early_stopping, num_retur
 
 def beam_search(model, ids_bt: np.ndarray, mask_bt: np.ndarray, eos_ids: np.ndarray, num_eos: int, pad_id: int,
                 *, max_new_tokens: int, cache_len: int, num_beams: int, length_penalty: float,
-                early_stopping: bool | str, num_return_sequences: int) -> jax.Array:
+                early_stopping: bool | str, num_return_sequences: int, processor=None) -> jax.Array:
     """Beam search from left-padded prompts int [b, t] with mask int [b, t] (arguments already checked, see
     `jaxmoe.generate`). eos_ids int32 [e]: the `num_eos` EOS ids given, then -1 entries. Returns int32
     [b * num_return_sequences, t + max_new_tokens]: each prompt's best hypotheses, best first, each after its
-    prompt and padded with `pad_id` after its end."""
+    prompt and padded with `pad_id` after its end. `processor`: None or a pytree logits processor
+    (jaxmoe.infer.processors.as_logits_processor), applied to each step's logits of the b * num_beams beam rows."""
     b, t = ids_bt.shape
     lengths = range(1, max_new_tokens + 1)
     # Python float powers rounded to float32, as torch divides a float32 tensor by a Python float.
@@ -209,7 +215,7 @@ def beam_search(model, ids_bt: np.ndarray, mask_bt: np.ndarray, eos_ids: np.ndar
         graphdef, state, jnp.asarray(ids_bt, jnp.int32), jnp.asarray(mask_bt, jnp.int32),
         jnp.asarray(eos_ids, jnp.int32), jnp.int32(pad_id), jnp.asarray(denominators.astype(np.float32)),
         jnp.asarray(early_stopping is True), jnp.asarray(early_stopping == "never" and length_penalty > 0),
-        max_new_tokens=max_new_tokens,
+        processor, max_new_tokens=max_new_tokens,
         cache_len=cache_len, num_beams=num_beams, num_candidates=max(2, 1 + num_eos) * num_beams)
     tokens = banks_bnm[:, :num_return_sequences].reshape(b * num_return_sequences, max_new_tokens)
     prompts = jnp.repeat(jnp.asarray(ids_bt, jnp.int32), num_return_sequences, axis=0)

@@ -19,11 +19,11 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from jaxmoe.infer.beam import beam_search, check_beam_arguments
+from jaxmoe.infer.processors import LogitsProcessor, as_logits_processor, hidden_mode, processed_logits
 from jaxmoe.nn.tokens import check_token_ids, greedy_tokens
 from jaxmoe.sharding import on_auto_axes
 
-__all__ = ["filter_logits", "generate", "sample_logits"]
-
+__all__ = ["LogitsProcessor", "as_logits_processor", "filter_logits", "generate", "sample_logits"]
 
 def filter_logits(logits_bv: jax.Array, top_k: int | None = None, top_p=None) -> jax.Array:
     """float [b, v] -> float32 [b, v] with tokens outside the top-k, then outside the nucleus, set to -inf.
@@ -69,18 +69,22 @@ def _emit(step, tokens_b):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "greedy", "top_k",
                                              "use_top_p", "stream"))
-def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, *,
+def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor, *,
                        max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
-    """The pure decode program. Returns tokens int32 [b, t + max_new_tokens]."""
+    """The pure decode program (`processor`: None or a pytree logits processor). Returns tokens int32
+    [b, t + max_new_tokens]."""
     model = nnx.merge(graphdef, state)
     b, t = ids_bt.shape
     width = t + max_new_tokens
     buf_bw = jnp.full((b, width), pad_id, jnp.int32).at[:, :t].set(ids_bt)
     valid_bw = jnp.ones((b, width), jnp.int32).at[:, :t].set(mask_bt)
     n_real_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
+    hidden = hidden_mode(processor)
 
-    def advance(step, logits_bv, cache, buf, done):
-        """Picks token `step` from the last logits, writes it at column t + step, returns the new carry."""
+    def advance(step, out, cache, buf, done):
+        """Picks token `step` from the model output's last position, writes it at column t + step, returns the new
+        carry."""
+        logits_bv = processed_logits(processor, step, out, b)
         new_b = sample_logits(logits_bv, jax.random.fold_in(key, step), 0.0 if greedy else temperature, top_k,
                               top_p if use_top_p else None)
         new_b = jnp.where(done, pad_id, new_b)
@@ -95,21 +99,23 @@ def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p
         step, cache, buf, done = carry
         token_b1 = jax.lax.dynamic_slice_in_dim(buf, t + step - 1, 1, axis=1)
         positions_b1 = (n_real_b + step - 1)[:, None]
-        out = model(token_b1, positions=positions_b1, cache=cache, logits_to_keep=1)
-        return advance(step, out.logits[:, -1], out.cache, buf, done)
+        out = model(token_b1, positions=positions_b1, cache=cache, logits_to_keep=1, return_hidden=hidden)
+        return advance(step, out, out.cache, buf, done)
 
     def rebuild_step(carry, slot):
         """Runs the whole buffer up to `slot` again into an emptied cache (transformers' LongRoPE recompute)."""
         step, cache, buf, done = carry
         emptied = cache.replace(index=jnp.zeros_like(cache.index))
-        out = model(buf[:, :slot + 1], attention_mask=valid_bw[:, :slot + 1], cache=emptied, logits_to_keep=1)
-        return advance(step, out.logits[:, -1], out.cache, buf, done)
+        out = model(buf[:, :slot + 1], attention_mask=valid_bw[:, :slot + 1], cache=emptied, logits_to_keep=1,
+                    return_hidden=hidden)
+        return advance(step, out, out.cache, buf, done)
 
     def decode_until(carry, stop):
         return jax.lax.while_loop(lambda c: (c[0] < stop) & ~jnp.all(c[3]), decode_step, carry)
 
-    prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1)
-    carry = advance(0, prefill.logits[:, -1], prefill.cache, buf_bw, jnp.zeros((b,), bool))
+    prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
+                    return_hidden=hidden)
+    carry = advance(0, prefill, prefill.cache, buf_bw, jnp.zeros((b,), bool))
     # Decode step s runs column t + s - 1. Like transformers, the step that first runs column
     # original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead.
     rope = model.config.longrope
@@ -150,7 +156,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
              attention_mask=None, pad_token_id: int | None = None, max_length: int | None = None,
              stream_callback: Callable[[int, np.ndarray], None] | None = None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1) -> jax.Array:
+             num_return_sequences: int = 1, logits_processor: LogitsProcessor | None = None) -> jax.Array:
     """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b * num_return_sequences,
     t + max_new_tokens].
 
@@ -172,6 +178,17 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     length_penalty > 0. Beam search needs temperature 0 and takes no stream_callback; with num_beams=1,
     length_penalty and early_stopping have no effect. Phi-3's LongRoPE switch recomputes every beam's cache, as
     greedy generation does.
+
+    `logits_processor(step, logits, hidden_prenorm) -> logits` rewrites each step's next-token logits before
+    they are sampled, argmaxed or (after log_softmax) scored by beam search, inside the compiled loop: step int32 []
+    the index of the token being chosen (0 for the first new one), logits float32 [rows, vocab], hidden_prenorm
+    [rows, hidden] (compute dtype) the last layer's output at the newest position BEFORE the final norm; it
+    returns float [rows, vocab] (log-probabilities work: softmax, argmax and log_softmax do not see the
+    difference). Rows are the b prompts, or with beam search prompt i's beams at rows i * num_beams ...
+    (i + 1) * num_beams - 1. It must be a pure JAX function; a pytree callable (e.g. a `flax.struct.dataclass`
+    with `__call__`, as jaxmoe.mt.pema.GradualUnrolling) carries its arrays as arguments, so new values do not
+    recompile. The model must accept `return_hidden="pre_norm"` (Phi3ForCausalLM and its subclasses). Without a
+    processor, nothing of the above is traced.
     """
     config = model.config
     ids = np.asarray(input_ids)
@@ -195,6 +212,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
         raise ValueError(f"top_k={top_k!r}; expected an integer >= 1, or None for no top-k filter")
     if top_p is not None and not (isinstance(top_p, (int, float, np.floating)) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}; expected a number in (0, 1], or None for no nucleus filter")
+    processor = None if logits_processor is None else as_logits_processor(logits_processor)
     check_beam_arguments(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                          num_return_sequences=num_return_sequences, temperature=temperature,
                          vocab_size=config.vocab_size)
@@ -216,7 +234,8 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     if num_beams > 1:
         return beam_search(model, ids, mask, eos, num_eos, int(pad_token_id), max_new_tokens=int(max_new_tokens),
                            cache_len=cache_len, num_beams=int(num_beams), length_penalty=float(length_penalty),
-                           early_stopping=early_stopping, num_return_sequences=int(num_return_sequences))
+                           early_stopping=early_stopping, num_return_sequences=int(num_return_sequences),
+                           processor=processor)
 
     greedy = temperature == 0
     key = jax.random.key(0) if greedy else (rngs if rngs is not None else nnx.Rngs(0))()
@@ -224,7 +243,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     run = functools.partial(
         _generate_compiled, graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key,
         jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos),
-        jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
+        jnp.int32(pad_token_id), processor, max_new_tokens=int(max_new_tokens),
         cache_len=cache_len, greedy=bool(greedy),
         top_k=None if top_k is None else int(top_k), use_top_p=top_p is not None, stream=stream_callback is not None)
     if stream_callback is None:
