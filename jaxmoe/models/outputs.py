@@ -12,7 +12,9 @@ from jaxmoe.nn.attention import KVCache
 class CausalLMOutput:
     """`logits` float32 [b, t, vocab]; `cache` the updated KV cache when one was passed in. Called with
     `return_hidden=True`, a model returns `hidden_states` [b, t, d] (compute dtype: the final normed hidden
-    states, which its `output_head()` maps to the logits) and `logits` None.
+    states, which its `output_head()` maps to the logits) and `logits` None. Called with `return_hidden="pre_norm"`,
+    it returns the logits as usual and, as `hidden_states` [b, t, d] (compute dtype), the last layer's output
+    BEFORE the final norm (what kNN-LM and PEMA memories key on, jaxmoe.mt.pema).
 
     MoE models also return `aux_loss` (the load-balancing loss over all layers' routing, unscaled, as
     transformers' `aux_loss`), `router_z_loss` (mean squared log-sum-exp of the router logits) and
