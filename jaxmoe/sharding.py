@@ -81,6 +81,10 @@ _LINEAR_KERNELS = {
 }
 _EXPERT_WEIGHTS = {"w_gate_up": ("experts", "embed", "mlp"), "w_down": ("experts", "mlp", "embed")}
 _NORMS = {"input_layernorm", "post_attention_layernorm", "norm"}
+# MoE task adapters (`jaxmoe.moe.task_adapters`, the block's `task_adapter`) by parameter -> its number of
+# dimensions. Replicated: they are small (a bottleneck per task or pool slot, task embeddings), and the rows each
+# batch row gathers by its task id are then on every device.
+_TASK_ADAPTER_PARAMS = {"w_down": 3, "w_up": 3, "task_embedding": 2, "gate": 2, "task_router": 2}
 
 
 def make_mesh(*, data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -159,8 +163,8 @@ def logical_axes(path: tuple[str | int, ...], shape: tuple[int, ...]) -> tuple[s
     nnx.Param)` (layer indices may be ints), e.g. ('layers', 0, 'mlp', 'w_gate_up') -> ('experts', 'embed', 'mlp').
 
     LoRA adapters: `<layer>.base.kernel` is the plain kernel, `lora_a` [in, r] keeps the kernel's input axis and
-    `lora_b` [r, out] its output axis. Raises ValueError for a path no rule covers, so that a new parameter
-    cannot go unsharded unnoticed.
+    `lora_b` [r, out] its output axis. MoE task adapters (`mlp.task_adapter.*`) are replicated (all None).
+    Raises ValueError for a path no rule covers, so that a new parameter cannot go unsharded unnoticed.
     """
     names = tuple(str(p) for p in path)
     leaf = names[-1] if names else ""
@@ -169,6 +173,8 @@ def logical_axes(path: tuple[str | int, ...], shape: tuple[int, ...]) -> tuple[s
     axes = None
     if names == ("embed_tokens", "embedding"):
         axes = ("table_rows", None)
+    elif owner == "task_adapter" and leaf in _TASK_ADAPTER_PARAMS:
+        axes = (None,) * _TASK_ADAPTER_PARAMS[leaf]
     elif owner == "mlp" and leaf in _EXPERT_WEIGHTS:
         axes = _EXPERT_WEIGHTS[leaf]
     elif owner in _LINEAR_KERNELS:

@@ -220,3 +220,30 @@ def test_on_auto_axes_moves_arrays_off_an_explicit_mesh_without_copying():
     with jax.set_mesh(mesh):
         entry(holder, (placed,), host=host)
     assert seen["context"] == auto.abstract_mesh
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "token"])
+def test_a_model_with_task_adapters_shards_them_replicated_and_gives_the_same_logits(mode):
+    """The task adapters' parameters (jaxmoe.moe.task_adapters) have a rule: replicated on every mesh axis; the
+    MoE block then runs expert-parallel with them, and the logits equal the one-device model's."""
+    tasks = jaxmoe.TaskAdapterConfig(mode, num_tasks=3, bottleneck=4, task_embed_dim=4, pool_size=2)
+    config = jaxmoe.get_preset("tiny-moe").replace(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+        moe=jaxmoe.MoEConfig(num_experts=4, top_k=2, router="topk", task_adapters=tasks))
+    model = nnx.eval_shape(lambda: jaxmoe.PhimoeForCausalLM(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)  # random up-projections and task router rows: the adapters change the output
+    nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(0.3 * rng.normal(size=x.shape), x.dtype),
+                                   nnx.state(model, nnx.Param)))
+    model.eval()
+    ids = np.random.default_rng(2).integers(0, 64, size=(8, 6)).astype(np.int32)
+    task_ids = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
+    logits = nnx.jit(lambda m, x, t: m(x, task_ids=t).logits)
+    single = np.asarray(logits(model, ids, task_ids))
+    mesh = make_mesh(data=2, expert=4)
+    shard_model(model, mesh)
+    adapter_paths = [path for path, _ in _flat_params(model) if "task_adapter" in map(str, path)]
+    assert adapter_paths
+    for path, variable in _flat_params(model):
+        if path in adapter_paths:
+            assert variable.get_value().sharding.spec == P(*(None,) * variable.get_value().ndim), path
+    np.testing.assert_allclose(np.asarray(logits(model, ids, task_ids)), single, rtol=1e-5, atol=1e-5)

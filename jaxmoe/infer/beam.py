@@ -120,9 +120,15 @@ def _take_rows(cache, rows):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "num_beams",
                                              "num_candidates"))
 def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, denominators, stop_when_full,
-                          optimistic_length, processor, *, max_new_tokens, cache_len, num_beams, num_candidates):
-    """The pure search program. Returns the banks' tokens int32 [b, num_beams, max_new_tokens], best first."""
+                          optimistic_length, processor, task_ids_b, *, max_new_tokens, cache_len, num_beams,
+                          num_candidates):
+    """The pure search program (`task_ids_b`: None or int32 [b]). Returns the banks' tokens int32
+    [b, num_beams, max_new_tokens], best first."""
     model = nnx.merge(graphdef, state)
+    # Prompt i's beams are rows i * n ... i * n + n - 1: each takes the prompt's task id. A model without task
+    # adapters takes no task_ids keyword.
+    prompt_tasks = {} if task_ids_b is None else {"task_ids": task_ids_b}
+    beam_tasks = {} if task_ids_b is None else {"task_ids": jnp.repeat(task_ids_b, num_beams)}
     hidden = hidden_mode(processor)
     b, t = ids_bt.shape
     n, width = num_beams, t + max_new_tokens
@@ -142,7 +148,8 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
         cache = _take_rows(cache, (jnp.arange(b)[:, None] * n + beams.parents_bn).reshape(-1))
         token_x1 = jax.lax.dynamic_index_in_dim(beams.tokens_bnm, beams.step - 1, axis=2).reshape(b * n, 1)
         positions_x1 = (n_real_x + beams.step - 1)[:, None]
-        out = model(token_x1, positions=positions_x1, cache=cache, logits_to_keep=1, return_hidden=hidden)
+        out = model(token_x1, positions=positions_x1, cache=cache, logits_to_keep=1, return_hidden=hidden,
+                    **beam_tasks)
         return advance(beams, out, out.cache)
 
     def rebuild_step(carry, slot):
@@ -153,14 +160,14 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
         buf = jnp.concatenate([jnp.repeat(ids_bt, n, axis=0), generated_xg], axis=1)
         valid = jnp.concatenate([jnp.repeat(mask_bt, n, axis=0), jnp.ones_like(generated_xg)], axis=1)
         emptied = cache.replace(index=jnp.zeros_like(cache.index))
-        out = model(buf, attention_mask=valid, cache=emptied, logits_to_keep=1, return_hidden=hidden)
+        out = model(buf, attention_mask=valid, cache=emptied, logits_to_keep=1, return_hidden=hidden, **beam_tasks)
         return advance(beams, out, out.cache)
 
     def decode_until(carry, stop):
         return jax.lax.while_loop(lambda c: (c[0].step < stop) & c[0].running, decode_step, carry)
 
     prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
-                    return_hidden=hidden)
+                    return_hidden=hidden, **prompt_tasks)
     # The n beams of a prompt start as copies of its one prefilled row (processed_logits repeats its outputs).
     carry = advance(init_beams(b, n, max_new_tokens, pad_id), prefill,
                     _take_rows(prefill.cache, jnp.repeat(jnp.arange(b), n)))
@@ -200,12 +207,14 @@ def check_beam_arguments(*, num_beams, length_penalty, early_stopping, num_retur
 
 def beam_search(model, ids_bt: np.ndarray, mask_bt: np.ndarray, eos_ids: np.ndarray, num_eos: int, pad_id: int,
                 *, max_new_tokens: int, cache_len: int, num_beams: int, length_penalty: float,
-                early_stopping: bool | str, num_return_sequences: int, processor=None) -> jax.Array:
+                early_stopping: bool | str, num_return_sequences: int, processor=None, task_ids=None) -> jax.Array:
     """Beam search from left-padded prompts int [b, t] with mask int [b, t] (arguments already checked, see
     `jaxmoe.generate`). eos_ids int32 [e]: the `num_eos` EOS ids given, then -1 entries. Returns int32
     [b * num_return_sequences, t + max_new_tokens]: each prompt's best hypotheses, best first, each after its
     prompt and padded with `pad_id` after its end. `processor`: None or a pytree logits processor
-    (jaxmoe.infer.processors.as_logits_processor), applied to each step's logits of the b * num_beams beam rows."""
+    (jaxmoe.infer.processors.as_logits_processor), applied to each step's logits of the b * num_beams beam rows.
+    `task_ids`: None or int32 [b] (checked), each prompt's task for a model with MoE task adapters; all of a
+    prompt's beams take it."""
     b, t = ids_bt.shape
     lengths = range(1, max_new_tokens + 1)
     # Python float powers rounded to float32, as torch divides a float32 tensor by a Python float.
@@ -215,7 +224,7 @@ def beam_search(model, ids_bt: np.ndarray, mask_bt: np.ndarray, eos_ids: np.ndar
         graphdef, state, jnp.asarray(ids_bt, jnp.int32), jnp.asarray(mask_bt, jnp.int32),
         jnp.asarray(eos_ids, jnp.int32), jnp.int32(pad_id), jnp.asarray(denominators.astype(np.float32)),
         jnp.asarray(early_stopping is True), jnp.asarray(early_stopping == "never" and length_penalty > 0),
-        processor, max_new_tokens=max_new_tokens,
+        processor, task_ids, max_new_tokens=max_new_tokens,
         cache_len=cache_len, num_beams=num_beams, num_candidates=max(2, 1 + num_eos) * num_beams)
     tokens = banks_bnm[:, :num_return_sequences].reshape(b * num_return_sequences, max_new_tokens)
     prompts = jnp.repeat(jnp.asarray(ids_bt, jnp.int32), num_return_sequences, axis=0)

@@ -20,6 +20,7 @@ from jax.experimental import io_callback
 
 from jaxmoe.infer.beam import beam_search, check_beam_arguments
 from jaxmoe.infer.processors import LogitsProcessor, as_logits_processor, hidden_mode, processed_logits
+from jaxmoe.moe.task_adapters import check_task_ids
 from jaxmoe.nn.tokens import check_token_ids, greedy_tokens
 from jaxmoe.sharding import on_auto_axes
 
@@ -69,11 +70,12 @@ def _emit(step, tokens_b):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "greedy", "top_k",
                                              "use_top_p", "stream"))
-def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor, *,
-                       max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
-    """The pure decode program (`processor`: None or a pytree logits processor). Returns tokens int32
-    [b, t + max_new_tokens]."""
+def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
+                       task_ids_b, *, max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
+    """The pure decode program (`processor`: None or a pytree logits processor; `task_ids_b`: None or int32 [b]).
+    Returns tokens int32 [b, t + max_new_tokens]."""
     model = nnx.merge(graphdef, state)
+    tasks = {} if task_ids_b is None else {"task_ids": task_ids_b}  # a model without task adapters takes none
     b, t = ids_bt.shape
     width = t + max_new_tokens
     buf_bw = jnp.full((b, width), pad_id, jnp.int32).at[:, :t].set(ids_bt)
@@ -99,7 +101,7 @@ def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p
         step, cache, buf, done = carry
         token_b1 = jax.lax.dynamic_slice_in_dim(buf, t + step - 1, 1, axis=1)
         positions_b1 = (n_real_b + step - 1)[:, None]
-        out = model(token_b1, positions=positions_b1, cache=cache, logits_to_keep=1, return_hidden=hidden)
+        out = model(token_b1, positions=positions_b1, cache=cache, logits_to_keep=1, return_hidden=hidden, **tasks)
         return advance(step, out, out.cache, buf, done)
 
     def rebuild_step(carry, slot):
@@ -107,14 +109,14 @@ def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p
         step, cache, buf, done = carry
         emptied = cache.replace(index=jnp.zeros_like(cache.index))
         out = model(buf[:, :slot + 1], attention_mask=valid_bw[:, :slot + 1], cache=emptied, logits_to_keep=1,
-                    return_hidden=hidden)
+                    return_hidden=hidden, **tasks)
         return advance(step, out, out.cache, buf, done)
 
     def decode_until(carry, stop):
         return jax.lax.while_loop(lambda c: (c[0] < stop) & ~jnp.all(c[3]), decode_step, carry)
 
     prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
-                    return_hidden=hidden)
+                    return_hidden=hidden, **tasks)
     carry = advance(0, prefill, prefill.cache, buf_bw, jnp.zeros((b,), bool))
     # Decode step s runs column t + s - 1. Like transformers, the step that first runs column
     # original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead.
@@ -156,7 +158,8 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
              attention_mask=None, pad_token_id: int | None = None, max_length: int | None = None,
              stream_callback: Callable[[int, np.ndarray], None] | None = None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1, logits_processor: LogitsProcessor | None = None) -> jax.Array:
+             num_return_sequences: int = 1, logits_processor: LogitsProcessor | None = None,
+             task_ids=None) -> jax.Array:
     """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b * num_return_sequences,
     t + max_new_tokens].
 
@@ -189,6 +192,10 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     with `__call__`, as jaxmoe.mt.pema.GradualUnrolling) carries its arrays as arguments, so new values do not
     recompile. The model must accept `return_hidden="pre_norm"` (Phi3ForCausalLM and its subclasses). Without a
     processor, nothing of the above is traced.
+
+    `task_ids` int [b]: each prompt's task, for a model with MoE task adapters (`MoEConfig.task_adapters`; required
+    exactly then); a row generates as it would alone with its task id. Beam search gives every beam of prompt i
+    its task id. A model trained with data.tasks has its ids in tasks.json beside it (`jaxmoe.train.tasks.TaskMap`).
     """
     config = model.config
     ids = np.asarray(input_ids)
@@ -220,6 +227,8 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
         raise ValueError(f"stream_callback with num_beams={num_beams}; beam search cannot stream (a step's running "
                          "beams are not the final tokens): pass num_beams=1 to stream")
     mask = np.ones((b, t), np.int32) if attention_mask is None else _checked_mask(attention_mask, (b, t))
+    moe = getattr(config, "moe", None)
+    task_ids = check_task_ids(task_ids, None if moe is None else moe.task_adapters, b)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     if not 0 <= pad_token_id < config.vocab_size:
@@ -235,7 +244,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
         return beam_search(model, ids, mask, eos, num_eos, int(pad_token_id), max_new_tokens=int(max_new_tokens),
                            cache_len=cache_len, num_beams=int(num_beams), length_penalty=float(length_penalty),
                            early_stopping=early_stopping, num_return_sequences=int(num_return_sequences),
-                           processor=processor)
+                           processor=processor, task_ids=task_ids)
 
     greedy = temperature == 0
     key = jax.random.key(0) if greedy else (rngs if rngs is not None else nnx.Rngs(0))()
@@ -243,7 +252,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     run = functools.partial(
         _generate_compiled, graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key,
         jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos),
-        jnp.int32(pad_token_id), processor, max_new_tokens=int(max_new_tokens),
+        jnp.int32(pad_token_id), processor, task_ids, max_new_tokens=int(max_new_tokens),
         cache_len=cache_len, greedy=bool(greedy),
         top_k=None if top_k is None else int(top_k), use_top_p=top_p is not None, stream=stream_callback is not None)
     if stream_callback is None:

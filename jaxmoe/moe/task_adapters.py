@@ -23,6 +23,8 @@ their values are tracers and cannot be checked; a row whose id is outside [0, nu
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,5 +206,11 @@ def new_task_optimizer(model: nnx.Module, tx: optax.GradientTransformation, task
         raise ValueError(f"new_task_optimizer: task_id={task_id!r} is not one of the configured tasks "
                          f"[0, {config.num_tasks}); reserve an id for the new task in num_tasks when building "
                          "the model")
-    task_id = int(task_id)
-    return nnx.Optimizer(model, optax.chain(only_task_rows(task_id), tx, only_task_rows(task_id)), wrt=TaskParam)
+    return nnx.Optimizer(model, _masked(tx, int(task_id)), wrt=TaskParam)
+
+
+@functools.cache
+def _masked(tx: optax.GradientTransformation, task_id: int) -> optax.GradientTransformation:
+    """`tx` between two `only_task_rows(task_id)`, one object per (tx, task_id): a jitted step compares the
+    optimizer's transformation by identity, so a new chain per optimizer would compile the step again."""
+    return optax.chain(only_task_rows(task_id), tx, only_task_rows(task_id))

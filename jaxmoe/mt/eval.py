@@ -163,7 +163,7 @@ def _positive_int(value, name: str) -> int:
 def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], str], max_new_tokens: int,
               batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
               cut_at_newline: bool = False, stop: str | None = None, add_special_tokens: bool = True,
-              progress: str | None = None) -> list[str]:
+              progress: str | None = None, task_ids=None) -> list[str]:
     """Greedy (num_beams=1) or beam search translations of `sources`, one stripped str each, in the order given.
 
     Each source becomes `prompt(source)`, encoded with the tokenizer's special tokens (e.g. its BOS). Prompts
@@ -175,9 +175,15 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
     break; a line break right after the prompt is skipped by the strip). `stop` cuts each stripped output at
     the first occurrence of that string (e.g. "\n\n" after a multi-line document window). `add_special_tokens`
     False encodes prompts without the tokenizer's BOS (a chat template writes its own). `progress`: a label for a
-    tqdm progress bar over the batches (None: no bar).
+    tqdm progress bar over the batches (None: no bar). `task_ids`: for a model with MoE task adapters, the task id
+    of every source (an int) or of each (a sequence, one per source); they go to `jaxmoe.generate` with the rows.
     """
     sources = _check_segments(sources, "sources")
+    if task_ids is not None:
+        task_ids = [task_ids] * len(sources) if np.ndim(task_ids) == 0 else list(task_ids)
+        if len(task_ids) != len(sources):
+            raise ValueError(f"{len(task_ids)} task_ids for {len(sources)} sources; pass one task id for all, or "
+                             "one per source")
     batch_size = _positive_int(batch_size, "batch_size")
     max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
     if not isinstance(cut_at_newline, bool):
@@ -228,9 +234,10 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
         extra = min(width, limit - max_new_tokens) - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
         mask = np.pad(mask, ((0, 0), (extra, 0)))
+        tasks = None if task_ids is None else np.asarray([task_ids[i] for i in filled])
         tokens = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      eos_token_id=eos_ids, pad_token_id=pad_id, num_beams=num_beams,
-                                     length_penalty=length_penalty))[:, ids.shape[1]:]
+                                     length_penalty=length_penalty, task_ids=tasks))[:, ids.shape[1]:]
         for source_index, row in zip(members, tokens):
             ends = np.flatnonzero(np.isin(row, eos_ids))
             text = tokenizer.decode(row[:ends[0]] if ends.size else row, skip_special_tokens=True).strip()

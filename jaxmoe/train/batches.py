@@ -95,11 +95,15 @@ class BatchStream:
     rows: the rows of each batch to return, ascending (default all): arrays are then [len(rows), max_len], those
     rows of the same batches. For one process of several (see `host_rows`); the layout of a batch depends on
     the lengths of all its examples, so every example is still read and encoded, only the arrays are smaller.
+    task: the task id (an int >= 0, for MoE task adapters, `jaxmoe.moe.task_adapters`) of a record (what `encode`
+    is given, or the example itself without `encode`). Batches then also hold task_ids int32 [batch_size], one
+    per row, and a row holds examples of one task only: packing puts an example in the first row of its task
+    with room for it (the model takes one task per row). None: no task ids, batches exactly as without them.
     """
 
     def __init__(self, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int, seed: int = 0,
                  pack: bool = False, shuffle: bool = True, encode: Callable[[Any], Example] | None = None,
-                 rows: Sequence[int] | None = None):
+                 rows: Sequence[int] | None = None, task: Callable[[Any], int] | None = None):
         for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 1), ("seed", seed, 0),
                                    ("pad_id", pad_id, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
@@ -109,7 +113,7 @@ class BatchStream:
         self.rows = tuple(range(batch_size)) if rows is None else _check_rows(rows, batch_size)
         self.batch_size, self.max_len, self.pad_id, self.seed = int(batch_size), int(max_len), int(pad_id), int(seed)
         self.pack, self.shuffle = pack, shuffle
-        self._examples, self._encode, self._n = examples, encode, len(examples)
+        self._examples, self._encode, self._task, self._n = examples, encode, task, len(examples)
         self._epoch = self._index = self._batches = 0
         self._order = (-1, None)  # (epoch, permutation) of the epoch last visited
         self._reset_drop_counts()
@@ -137,14 +141,16 @@ class BatchStream:
     def __next__(self) -> dict[str, np.ndarray]:
         rows: list[list[Example]] = []
         room: list[int] = []
+        row_tasks: list[int | None] = []  # all None without `task`
         while len(rows) < self.batch_size or (self.pack and max(room) > 0):
-            ids, mask = self._next_fitting()
-            fits = [r for r, free in enumerate(room) if self.pack and len(ids) <= free]
+            ids, mask, task = self._next_fitting()
+            fits = [r for r, free in enumerate(room) if self.pack and len(ids) <= free and row_tasks[r] == task]
             if fits:
                 row = fits[0]
             elif len(rows) < self.batch_size:
                 rows.append([])
                 room.append(self.max_len)
+                row_tasks.append(task)
                 row = len(rows) - 1
             else:
                 break
@@ -152,31 +158,38 @@ class BatchStream:
             room[row] -= len(ids)
             self._advance()
         self._batches += 1
-        return self._assemble(rows)
+        return self._assemble(rows, row_tasks)
 
     def _reset_drop_counts(self) -> None:
         """Over-long examples skipped this epoch (for its warning) and in a row (n in a row: none fits max_len)."""
         self._dropped, self._dropped_longest = 0, 0
         self._dropped_run, self._dropped_shortest = 0, None
 
-    def _example(self, i: int) -> Example:
-        ids, mask = self._examples[i] if self._encode is None else self._encode(self._examples[i])
+    def _example(self, i: int) -> tuple[Sequence[int], Sequence[int], int | None]:
+        """(ids, loss_mask, task id or None) of example i."""
+        record = self._examples[i]
+        ids, mask = record if self._encode is None else self._encode(record)
         if len(ids) != len(mask) or not len(ids):
             raise DataError(f"example {i} has {len(ids)} ids and {len(mask)} loss_mask values; expected the same "
                             "non-zero number")
-        return ids, mask
+        if self._task is None:
+            return ids, mask, None
+        task = self._task(record)
+        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or task < 0:
+            raise DataError(f"example {i} has task id {task!r}; expected an int >= 0 from BatchStream's task")
+        return ids, mask, int(task)
 
-    def _next_fitting(self) -> Example:
-        """The example at (epoch, index), after skipping (consuming) those longer than max_len."""
+    def _next_fitting(self) -> tuple[Sequence[int], Sequence[int], int | None]:
+        """The example at (epoch, index) with its task, after skipping (consuming) those longer than max_len."""
         while True:
             if self._order[0] != self._epoch:
                 order = (np.random.default_rng([self.seed, self._epoch]).permutation(self._n) if self.shuffle
                          else np.arange(self._n))
                 self._order = (self._epoch, order)
-            ids, mask = self._example(int(self._order[1][self._index]))
+            ids, mask, task = self._example(int(self._order[1][self._index]))
             if len(ids) <= self.max_len:
                 self._dropped_run, self._dropped_shortest = 0, None
-                return ids, mask
+                return ids, mask, task
             self._dropped += 1
             self._dropped_longest = max(self._dropped_longest, len(ids))
             self._dropped_run += 1
@@ -196,8 +209,9 @@ class BatchStream:
             self._epoch, self._index = self._epoch + 1, 0
             self._dropped, self._dropped_longest = 0, 0
 
-    def _assemble(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
-        """The arrays of `self.rows` of the batch whose rows hold `rows` (a batch's layout: examples per row)."""
+    def _assemble(self, rows: list[list[Example]], row_tasks: list[int | None]) -> dict[str, np.ndarray]:
+        """The arrays of `self.rows` of the batch whose rows hold `rows` (a batch's layout: examples per row), of
+        tasks `row_tasks`."""
         shape = (len(self.rows), self.max_len)
         batch = {"input_ids": np.full(shape, self.pad_id, np.int32)}
         for key in ("loss_mask", "attention_mask", "segment_ids", "positions"):
@@ -212,6 +226,8 @@ class BatchStream:
                 batch["segment_ids"][r, start:end] = segment
                 batch["positions"][r, start:end] = np.arange(len(ids))
                 start = end
+        if self._task is not None:
+            batch["task_ids"] = np.asarray([row_tasks[i] for i in self.rows], np.int32)
         return batch
 
 
@@ -250,12 +266,16 @@ def tokens_in(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.asarray(batch["attention_mask"]).sum())
 
 
-def eval_batches(examples: Sequence[Example], *, batch_size: int, max_len: int, pad_id: int
-                 ) -> list[dict[str, np.ndarray]]:
+def eval_batches(examples: Sequence[Example], *, batch_size: int, max_len: int, pad_id: int,
+                 task_ids: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
     """Every example once, in order (those over max_len skipped), right-padded to int32 [batch_size, max_len]
     arrays input_ids, loss_mask and attention_mask; the last batch is filled with empty rows, so one compiled
-    shape serves all."""
-    fitting = [e for e in examples if len(e[0]) <= max_len]
+    shape serves all. task_ids: one per example (MoE task adapters): batches then hold task_ids int32
+    [batch_size] too, 0 for the empty rows (which have no targets)."""
+    if task_ids is not None and len(task_ids) != len(examples):
+        raise ValueError(f"eval_batches: {len(task_ids)} task_ids for {len(examples)} examples; expected one each")
+    keep = [i for i, e in enumerate(examples) if len(e[0]) <= max_len]
+    fitting = [examples[i] for i in keep]
     batches = []
     for start in range(0, len(fitting), batch_size):
         ids = np.full((batch_size, max_len), pad_id, np.int32)
@@ -264,4 +284,9 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, max_len: int, 
         for row, (tokens, mask) in enumerate(fitting[start:start + batch_size]):
             ids[row, :len(tokens)], loss_mask[row, :len(tokens)], attention[row, :len(tokens)] = tokens, mask, 1
         batches.append({"input_ids": ids, "loss_mask": loss_mask, "attention_mask": attention})
+        if task_ids is not None:
+            tasks = np.zeros((batch_size,), np.int32)
+            chosen = [task_ids[i] for i in keep[start:start + batch_size]]
+            tasks[:len(chosen)] = chosen
+            batches[-1]["task_ids"] = tasks
     return batches

@@ -333,6 +333,10 @@ class DirectedRecords(Sequence):
     def __len__(self) -> int:
         return len(self._indices) * (2 if self._both else 1)
 
+    def directions(self) -> list[tuple[str, str]]:
+        """The (src_lang, tgt_lang) directions of its records (without reading them)."""
+        return [self._langs, self._langs[::-1]] if self._both else [self._langs]
+
     def __getitem__(self, index):
         i = _checked_index(index, len(self))
         n = len(self._indices)

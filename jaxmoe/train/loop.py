@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxmoe.moe.task_adapters import new_task_optimizer
 from jaxmoe.nn.lm_loss import OutputHead, fused_cross_entropy
 from jaxmoe.nn.tokens import greedy_tokens
 from jaxmoe.sharding import on_auto_axes
@@ -31,8 +32,10 @@ class Batch(NamedTuple):
     (None: no padding). Padding is never attended to, predicted, or predicted from, whatever loss_mask says.
     segment_ids, positions: optional int32 [b, t] for packed rows (several sequences per row): tokens attend
     within their segment only, and no token is predicted from another segment's last token.
+    task_ids: optional int32 [b], each row's task for a model with MoE task adapters (`MoEConfig.task_adapters`;
+    a packed row holds examples of one task); None for models without them.
 
-    For gradient accumulation every field gains a leading micro-batch axis: [micro, b, t].
+    For gradient accumulation every field gains a leading micro-batch axis: [micro, b, t] ([micro, b] task_ids).
     """
 
     input_ids: jax.Array
@@ -40,6 +43,7 @@ class Batch(NamedTuple):
     attention_mask: jax.Array | None = None
     segment_ids: jax.Array | None = None
     positions: jax.Array | None = None
+    task_ids: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,10 +122,20 @@ def _adamw_clipped(learning_rate, *, config: TrainConfig) -> optax.GradientTrans
     )
 
 
-def make_optimizer(model: nnx.Module, config: TrainConfig, *, wrt=nnx.Param) -> nnx.Optimizer:
+def make_optimizer(model: nnx.Module, config: TrainConfig, *, wrt=nnx.Param, only_task: int | None = None
+                   ) -> nnx.Optimizer:
     """An `nnx.Optimizer` over the model's `wrt` variables (all `nnx.Param`s, or `nnx.LoRAParam` to train only
-    LoRA adapters); the current learning rate lives in its state."""
-    return nnx.Optimizer(model, _transformation(config), wrt=wrt)
+    LoRA adapters); the current learning rate lives in its state.
+
+    only_task: a task id of a model with MoE task adapters: train that task's rows of the `TaskParam`s alone
+    (its adapter or task embedding), everything else frozen (`jaxmoe.moe.task_adapters.new_task_optimizer`;
+    `wrt` must then be left at its default)."""
+    if only_task is None:
+        return nnx.Optimizer(model, _transformation(config), wrt=wrt)
+    if wrt is not nnx.Param:
+        raise ValueError(f"make_optimizer: only_task={only_task!r} with wrt={wrt!r}; training one task's rows "
+                         "chooses the parameters itself: pass one or the other")
+    return new_task_optimizer(model, _transformation(config), only_task)
 
 
 @functools.cache
@@ -154,6 +168,9 @@ def check_batch(batch: Batch, rank: int) -> None:
         if field is not None and tuple(field.shape) != shape:
             raise ValueError(f"Batch.{name} has shape {tuple(field.shape)} but input_ids has shape {shape}; "
                              "expected the same shape")
+    if batch.task_ids is not None and tuple(batch.task_ids.shape) != shape[:-1]:
+        raise ValueError(f"Batch.task_ids has shape {tuple(batch.task_ids.shape)} but input_ids has shape {shape}; "
+                         f"expected one task id per row, shape {shape[:-1]}")
     if len(shape) != rank or shape[-1] < 2:
         what = "[batch, time]" if rank == 2 else "[micro_batches, batch, time]"
         raise ValueError(f"Batch.input_ids has shape {shape}; expected {what} with time >= 2")
@@ -201,8 +218,10 @@ def _objective(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, *, token_
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed cross-entropy / token_total + the MoE losses / micro_batches: summed over the micro-batches of a
     step this is exactly the whole batch's loss. Returns (objective, stats)."""
+    # task_ids only when there are some: models without task adapters need not know the keyword.
+    tasks = {} if batch.task_ids is None else {"task_ids": batch.task_ids}
     out = model(batch.input_ids, attention_mask=batch.attention_mask, segment_ids=batch.segment_ids,
-                positions=batch.positions, return_hidden=True, rngs=rngs)
+                positions=batch.positions, return_hidden=True, rngs=rngs, **tasks)
     stats = next_token_stats_from_hidden(out.hidden_states, model.output_head(), batch)
     objective = stats["loss_sum"] / jnp.maximum(token_total, 1.0)
     if out.aux_loss is not None:
@@ -330,7 +349,10 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, rngs:
 def current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array:
     """float32 []: the learning rate of the optimizer's latest update (before any, the schedule's first value).
     The optimizer must come from make_optimizer, which keeps the scheduled rate in its state."""
-    hyperparams = getattr(optimizer.opt_state, "hyperparams", None)
+    state = optimizer.opt_state
+    # A chain's state is a tuple (make_optimizer(only_task=...) wraps the schedule's transformation in masks).
+    states = state if isinstance(state, tuple) and not hasattr(state, "hyperparams") else (state,)
+    hyperparams = next((s.hyperparams for s in states if isinstance(getattr(s, "hyperparams", None), dict)), None)
     if not isinstance(hyperparams, dict) or "learning_rate" not in hyperparams:
         raise ValueError("current_learning_rate: the optimizer's state holds no scheduled learning rate; build the "
                          "optimizer with jaxmoe.train.make_optimizer")

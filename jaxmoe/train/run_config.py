@@ -77,7 +77,12 @@ class DataSection:
     en/ru/cs/zh/is/de), "proportional" (by amount of text) or a mapping language -> probability. Preference
     triplets for `objective: cpo`: `{triplets: FILE}` (jaxmoe.train.cpo.read_triplets' layouts). Or
     `{tfds: NAME, split: SPLIT}` for a tensorflow-datasets name. Relative paths are relative to the config file.
-    download: let tfds download and prepare a {tfds: NAME} split that data_dir lacks (needs internet)."""
+    download: let tfds download and prepare a {tfds: NAME} split that data_dir lacks (needs internet).
+    tasks: for a model with MoE task adapters (model.overrides.moe.task_adapters), each parallel example's task:
+    lang_pair (de-en) or tgt_lang (en); ids follow task_names when given (e.g. [de-en, cs-en]: ids 0 and 1),
+    else an init_from checkpoint's tasks.json, then the training data's other tasks in sorted order. The mapping
+    is written to tasks.json in the run folder and beside the exported model (`jaxmoe.train.tasks.TaskMap`).
+    Packed rows hold examples of one task (the model takes one task per row)."""
 
     train: dict = dataclasses.field(default_factory=dict)
     valid: dict | None = None
@@ -90,13 +95,18 @@ class DataSection:
     max_len: int = 128
     pack: bool = True
     language_sampling: dict | str = "alma"
+    tasks: str | None = None
+    task_names: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OptimSection:
     """AdamW with linear warmup then cosine or linear decay to final_lr_fraction x learning_rate, or inverse_sqrt
     (learning_rate x sqrt(warmup_steps / step) after warmup, transformers' and ALMA's; final_lr_fraction unused);
-    global-norm clipping; grad_accum micro-batches of batch_size sequences (rows) per step."""
+    global-norm clipping; grad_accum micro-batches of batch_size sequences (rows) per step.
+    only_task: a task name (e.g. cs-en) or id of data.tasks: train only that task's rows of the MoE task
+    adapters (its adapter or task embedding), every other parameter frozen (adding a task to a trained model:
+    model.init_from its export, the task at an id it reserved; `jaxmoe.moe.task_adapters.new_task_optimizer`)."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -109,6 +119,7 @@ class OptimSection:
     clip_norm: float = 1.0
     b1: float = 0.9
     b2: float = 0.98
+    only_task: int | str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -291,6 +302,20 @@ def _check(config: RunConfig) -> RunConfig:
     if config.objective == "cpo" and m.init_from is None and config.tokenizer.path is None:
         raise ConfigError("objective: cpo fine-tunes a trained model: set model.init_from (a checkpoint folder with "
                           "its tokenizer) or tokenizer.path")
+    if d.tasks is not None and d.tasks not in ("lang_pair", "tgt_lang"):
+        raise ConfigError(f"data.tasks={d.tasks!r}; expected lang_pair (one task per language pair, e.g. de-en) or "
+                          "tgt_lang (one per target language)")
+    if d.tasks is None and d.task_names is not None:
+        raise ConfigError(f"data.task_names={list(d.task_names)} without data.tasks; set data.tasks to lang_pair or "
+                          "tgt_lang to say what the names are")
+    if d.task_names is not None and (not d.task_names or len(set(d.task_names)) != len(d.task_names)):
+        raise ConfigError(f"data.task_names={list(d.task_names)}; expected distinct task names, id i for entry i")
+    if d.tasks is not None and config.objective == "cpo":
+        raise ConfigError("data.tasks with objective: cpo; task ids are passed by the lm objective only: remove "
+                          "data.tasks or train with objective: lm")
+    if o.only_task is not None and (d.tasks is None or m.lora is not None):
+        raise ConfigError(f"optim.only_task={o.only_task!r} needs data.tasks (the task of each example) and no "
+                          "model.lora (it picks the trained parameters itself)")
     if m.lora is not None and not 0 <= m.lora.dropout < 1:
         raise ConfigError(f"model.lora.dropout={m.lora.dropout}; expected a number in [0, 1)")
     if config.eval.num_beams < 1:

@@ -7,7 +7,8 @@ bar, plots) -> at the end a Hugging Face export, validation loss and BLEU / chrF
 
 Run folder: run_config.yaml, tokenizer/, checkpoints/<step>/, metrics.jsonl, expert_load.jsonl, tb/, loss.png,
 expert_load.png, model/ (save_hf + tokenizer; jaxmoe's format via save_quantized when transformers has no class for
-the config: `jaxmoe.load_model` reads either), test.hyp.txt, summary.json.
+the config: `jaxmoe.load_model` reads either), test.hyp.txt, summary.json; with data.tasks (MoE task adapters)
+tasks.json, the task names in id order, in the run folder and in model/ (`jaxmoe.train.tasks.TaskMap`).
 
 Several processes (multi-host, after `jax.distributed.initialize`): every process calls `train` with the same
 config; the mesh spans all their devices, and run_dir must be on storage they all share. Each process builds only
@@ -43,8 +44,9 @@ from jaxmoe import sharding
 from jaxmoe.config import MoEConfig, get_preset
 from jaxmoe.io.bpe import save_tokenizer, train_bpe
 from jaxmoe.io.hf import hf_problems, load_hf, save_hf
+from jaxmoe.io.load import load_model
 from jaxmoe.io.tokenizer import Tokenizer
-from jaxmoe.quant.checkpoint import save_quantized
+from jaxmoe.quant.checkpoint import is_jaxmoe_checkpoint, save_quantized
 from jaxmoe.models.phi3 import Phi3ForCausalLM
 from jaxmoe.models.phimoe import PhimoeForCausalLM
 from jaxmoe.mt.eval import score, translate
@@ -56,6 +58,7 @@ from jaxmoe.train.hosts import any_process, gather_to_host, is_primary, sync_pro
 from jaxmoe.train.loop import Batch, TrainConfig, evaluate, make_optimizer, train_step
 from jaxmoe.train.metrics import MetricsLogger, plot_expert_load, plot_losses, read_expert_load
 from jaxmoe.train.run_config import ConfigError, RunConfig, run_config_from_dict
+from jaxmoe.train.tasks import TaskMap
 
 __all__ = ["Preempted", "TrainingDivergedError", "train"]
 
@@ -266,6 +269,93 @@ def _tokenizer_texts(records) -> list[str]:
     return [r["text"] for r in records]
 
 
+def _directions(records, config: RunConfig) -> list[tuple[str, str]]:
+    """The (src_lang, tgt_lang) directions of parallel records, read from their structure, not their texts."""
+    if isinstance(records, data_lib.ConcatRecords):
+        return list(dict.fromkeys(x for part in records.parts for x in _directions(part, config)))
+    if isinstance(records, data_lib.DirectedRecords):
+        return records.directions()
+    return [(config.data.src_lang, config.data.tgt_lang)]
+
+
+def _task_map(config: RunConfig, records: dict, model) -> TaskMap | None:
+    """The task ids of data.tasks (None without), checked against the model's task adapters and every parallel
+    split's directions."""
+    d, m = config.data, config.model
+    moe = getattr(model.config, "moe", None)
+    adapters = None if moe is None else moe.task_adapters
+    if d.tasks is None:
+        if adapters is not None:
+            raise ConfigError(f"the model has {adapters.mode!r} MoE task adapters for {adapters.num_tasks} tasks, "
+                              "which take a task id per row: set data.tasks to lang_pair or tgt_lang")
+        return None
+    if adapters is None:
+        raise ConfigError(f"data.tasks={d.tasks!r}, but the model has no MoE task adapters; set "
+                          "model.overrides.moe.task_adapters (e.g. {mode: static, num_tasks: 4}) or remove data.tasks")
+    if not all(_is_parallel(r) for r in records.values()):
+        raise ConfigError(f"data.tasks={d.tasks!r} needs parallel data in every split (a task is a translation "
+                          "direction); the monolingual splits have none")
+    base = None if m.init_from is None else TaskMap.find(m.init_from)
+    try:
+        if d.task_names is not None:
+            tasks = TaskMap(d.tasks, d.task_names)
+            if base is not None and (base.by != tasks.by or tasks.names[:len(base.names)] != base.names):
+                raise ConfigError(f"data.tasks={d.tasks!r}, data.task_names={list(d.task_names)}, but the checkpoint "
+                                  f"{m.init_from!r} has tasks by {base.by!r} {list(base.names)}: keep its tasks at "
+                                  "their ids and add new ones after them")
+        else:
+            tasks = TaskMap.from_directions(d.tasks, _directions(records["train"], config), base=base)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for split, split_records in records.items():
+        try:
+            tasks.ids_of(_directions(split_records, config))
+        except ValueError as e:
+            raise ConfigError(f"data.{split}: {e}") from None
+    if len(tasks.names) > adapters.num_tasks:
+        raise ConfigError(f"data.tasks gives {len(tasks.names)} tasks {list(tasks.names)}, but the model's "
+                          f"moe.task_adapters.num_tasks={adapters.num_tasks}; raise num_tasks (a new model) or "
+                          "train on fewer directions")
+    return tasks
+
+
+def _task_of(config: RunConfig, tasks: TaskMap | None) -> Callable[[dict], int] | None:
+    """A parallel record -> its task id (None without tasks)."""
+    if tasks is None:
+        return None
+    d = config.data
+    return lambda record: tasks.id_of(record.get("src_lang", d.src_lang), record.get("tgt_lang", d.tgt_lang))
+
+
+def _record_tasks(config: RunConfig, run_dir: Path, tasks: TaskMap | None) -> None:
+    """Writes run_dir/tasks.json (process 0); a resumed run must find the ids it was started with."""
+    if tasks is None:
+        return
+    saved = TaskMap.find(run_dir)
+    if saved is not None and saved != tasks:
+        raise ConfigError(f"run folder {str(run_dir)!r} was started with tasks {saved.to_dict()}, but the config and "
+                          f"data now give {tasks.to_dict()}; its checkpoints only resume with the same task ids: "
+                          "set data.task_names to the saved names or choose a new run_dir")
+    if saved is None and is_primary():
+        tasks.save(run_dir)
+
+
+def _trained_task(config: RunConfig, tasks: TaskMap | None) -> int | None:
+    """optim.only_task as an id (a task name looked up in `tasks`)."""
+    only = config.optim.only_task
+    if only is None:
+        return None
+    ids = dict(enumerate(tasks.names))
+    if isinstance(only, str):
+        if only not in tasks.names:
+            raise ConfigError(f"optim.only_task={only!r} is not one of the tasks {ids}; name one of them (add a new "
+                              "task to data.task_names)")
+        return tasks.names.index(only)
+    if not 0 <= only < len(tasks.names):
+        raise ConfigError(f"optim.only_task={only} is not a task id of {ids}; use one of those ids or names")
+    return only
+
+
 # ------------------------------------------------------------------------------------------ model, tokenizer
 
 
@@ -291,7 +381,15 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, mesh=None) -> Phi3ForCa
     parameters are created (or read) directly in their shardings: no device ever holds the whole model."""
     m = config.model
     compute = jnp.dtype(m.compute_dtype)
-    if m.init_from is not None:
+    if m.init_from is not None and is_jaxmoe_checkpoint(m.init_from):
+        # jaxmoe's own format: e.g. a model with MoE task adapters this trainer exported (placed on the mesh later,
+        # by train's shard_model).
+        model = load_model(m.init_from)
+        saved = jnp.dtype(model.dtype).name
+        if saved != compute.name:
+            raise ConfigError(f"model.compute_dtype={m.compute_dtype} but the checkpoint {m.init_from!r} computes in "
+                              f"{saved}; set model.compute_dtype to {saved}")
+    elif m.init_from is not None:
         model = load_hf(m.init_from, dtype=jnp.float32, compute_dtype=compute, mesh=mesh)
         if m.overrides:  # settings of how the checkpoint's architecture runs, not of what it is (see _check)
             model.config = model.config.replace(**m.overrides)
@@ -386,7 +484,11 @@ def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], where: N
     all rows when `where` is None, one device)."""
     if where is None:
         return Batch(**{k: jnp.asarray(v) for k, v in local.items()})
-    return Batch(**{k: jax.make_array_from_process_local_data(where, v, shape) for k, v in local.items()})
+
+    def place(v):  # task_ids lack the time axis: their layout is the batch's without it
+        at = where if v.ndim == len(shape) else NamedSharding(where.mesh, P(*where.spec[:v.ndim]))
+        return jax.make_array_from_process_local_data(at, v, shape[:v.ndim])
+    return Batch(**{k: place(v) for k, v in local.items()})
 
 
 def _next_batch(stream: batch_lib.BatchStream, grad_accum: int, mesh) -> Batch:
@@ -396,7 +498,7 @@ def _next_batch(stream: batch_lib.BatchStream, grad_accum: int, mesh) -> Batch:
         batch = next(stream)
         return batch._replace(**{k: jnp.asarray(v) for k, v in batch._asdict().items()})
     micro = [next(stream) for _ in range(grad_accum)]
-    arrays = {k: np.stack([m[k] for m in micro]) if grad_accum > 1 else micro[0][k] for k in Batch._fields}
+    arrays = {k: np.stack([m[k] for m in micro]) if grad_accum > 1 else micro[0][k] for k in micro[0]}
     shape = (stream.batch_size, stream.max_len)
     return _global_batch(arrays, shape if grad_accum == 1 else (grad_accum, *shape),
                          None if mesh is None else _batch_sharding(mesh, grad_accum))
@@ -504,6 +606,9 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     parallel = _is_parallel(records["train"])
     mesh = _mesh(config)
     model = build_model(config, tokenizer, mesh)
+    tasks = _task_map(config, records, model)
+    _record_tasks(config, run_dir, tasks)
+    task_of = _task_of(config, tasks)
     encode = _encoder(config, tokenizer, parallel)
     o, d = config.optim, config.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -516,12 +621,14 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         stream, valid, run_step, run_eval = _cpo_parts(config, records, tokenizer, pad_id, mesh)
     else:
         stream = batch_lib.BatchStream(records["train"], batch_size=o.batch_size, max_len=d.max_len, pad_id=pad_id,
-                                      seed=config.seed, pack=d.pack, encode=encode, rows=rows)  # this process's rows
+                                      seed=config.seed, pack=d.pack, encode=encode, rows=rows,  # this process's rows
+                                      task=task_of)
         if "valid" in records:
             valid_examples = [encode(r) for r in records["valid"]]
+            valid_tasks = None if task_of is None else [task_of(r) for r in records["valid"]]
             valid = [_global_batch({k: v[rows] for k, v in b.items()}, b["input_ids"].shape, where)
                      for b in batch_lib.eval_batches(valid_examples, batch_size=o.batch_size, max_len=d.max_len,
-                                                     pad_id=pad_id)]
+                                                     pad_id=pad_id, task_ids=valid_tasks)]
         run_step, run_eval = train_step, evaluate
     if valid is not None and not valid:
         raise data_lib.DataError(f"no validation example fits data.max_len={d.max_len}")
@@ -529,10 +636,12 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     if mesh is not None:  # before the optimizer, whose moments then take the parameters' shardings (LoRA too)
         sharding.shard_model(model, mesh)
     wrt = nnx.LoRAParam if config.model.lora is not None else nnx.Param
+    only_task = _trained_task(config, tasks)
     optimizer = make_optimizer(model, TrainConfig(
         learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=o.steps,
         final_lr_fraction=o.final_lr_fraction, weight_decay=o.weight_decay, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
-        schedule=o.schedule), wrt=wrt)
+        schedule=o.schedule), wrt=wrt, only_task=only_task)
+    wrt = optimizer.wrt
     if mesh is not None:
         # Moments follow their parameters' shardings; the rest (step counts, the scheduled rate) is replicated,
         # so that a restore puts every array back on the mesh.
@@ -553,7 +662,9 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
         log(f"resumed from step {start} in {checkpointer.directory}")
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    n_trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+    trained = jax.tree.leaves(nnx.state(model, wrt))
+    # optim.only_task trains one row (axis 0: the tasks) of each TaskParam.
+    n_trained = sum(x.size // (x.shape[0] if only_task is not None else 1) for x in trained)
     log(f"model {model.config.model_type}: {n_params:,} parameters ({n_trained:,} trained); "
         f"{len(records['train']):,} training examples; steps {start}->{o.steps} of {o.batch_size}x{o.grad_accum} "
         f"rows of {d.max_len} tokens; run folder {run_dir}")
@@ -618,14 +729,16 @@ def train(config: RunConfig | dict, *, log: Callable[[str], None] = print) -> di
     train_seconds = time.perf_counter() - started
     if valid is not None and final_valid is None:  # resumed at the last step: no step ran
         final_valid = _validation(model, valid, run_eval)
-    return _finish(config, run_dir, model, tokenizer, records, final_valid, train_seconds, log, exported)
+    return _finish(config, run_dir, model, tokenizer, records, final_valid, train_seconds, log, exported, tasks)
 
 
-def _test_translations(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, test, primary: bool) -> dict:
+def _test_translations(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, test, primary: bool,
+                       tasks: TaskMap | None) -> dict:
     """Translates the first eval.translate sentences of each direction in the test split (greedy, or beam search
     with eval.num_beams), writes test.hyp.txt (one direction) or test.SRC-TGT.hyp.txt (several), and returns the
     summary's test entries: per direction sentences, BLEU, chrF and sacrebleu's signature under "test", and
-    test_bleu / test_chrf (the mean over the directions)."""
+    test_bleu / test_chrf (the mean over the directions). With `tasks`, each direction is translated with its
+    task id."""
     d, e = config.data, config.eval
     directions: dict[tuple[str, str], list[dict]] = {}
     for i in range(len(test)):
@@ -637,9 +750,10 @@ def _test_translations(config: RunConfig, run_dir: Path, model, tokenizer: Token
     results, samples = {}, []
     for (src_lang, tgt_lang), chosen in directions.items():
         sources, references = [r["src"] for r in chosen], [r["tgt"] for r in chosen]
+        task = {} if tasks is None else {"task_ids": tasks.id_of(src_lang, tgt_lang)}
         hypotheses = translate(model, tokenizer, sources,
                                prompt=lambda s, a=src_lang, b=tgt_lang: prompt.render(s, a, b), max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, num_beams=e.num_beams,
-                               length_penalty=e.length_penalty, cut_at_newline=e.cut_at_newline)
+                               length_penalty=e.length_penalty, cut_at_newline=e.cut_at_newline, **task)
         name = f"{src_lang}-{tgt_lang}"
         if primary:
             file = "test.hyp.txt" if len(directions) == 1 else f"test.{name}.hyp.txt"
@@ -661,14 +775,17 @@ def _test_translations(config: RunConfig, run_dir: Path, model, tokenizer: Token
 
 
 def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, records, valid_result, train_seconds,
-            log, exported: dict) -> dict:
+            log, exported: dict, tasks: TaskMap | None) -> dict:
     """Export, plots, test scores, summary.json (with the final validation result, when there is one). With
-    several processes all translate (the model is split between them) and process 0 writes the files."""
+    several processes all translate (the model is split between them) and process 0 writes the files. `tasks`
+    (data.tasks) goes beside the export as tasks.json."""
     model.eval()
     primary = is_primary()
     summary = {"run_dir": str(run_dir), "steps": config.optim.steps, "train_seconds": round(train_seconds, 1),
                "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
                "experts": model.config.moe.num_experts if model.config.moe is not None else 0, **exported}
+    if tasks is not None:
+        summary["tasks"] = tasks.to_dict()
     if valid_result is not None:
         summary.update({f"valid_{k.replace('/', '_')}": v for k, v in valid_result.items() if k != "pairs"})
     if primary:
@@ -678,7 +795,7 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
             plot_expert_load(np.mean([load for _, load in history], axis=0), run_dir / "expert_load.png",
                              title="Expert load per layer, averaged over training")
     if "test" in records and config.eval.translate and _is_parallel(records["test"]):
-        summary.update(_test_translations(config, run_dir, model, tokenizer, records["test"], primary))
+        summary.update(_test_translations(config, run_dir, model, tokenizer, records["test"], primary, tasks))
     export = run_dir / "model"
     if config.model.lora is not None:
         merge_lora(model)
@@ -692,6 +809,8 @@ def _finish(config: RunConfig, run_dir: Path, model, tokenizer: Tokenizer, recor
             log(f"exporting {export} in jaxmoe's format: {problem}")
             save_quantized(model, export, overwrite=True)
         save_tokenizer(tokenizer, export)
+        if tasks is not None:
+            tasks.save(export)
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     sync_processes("jaxmoe train: finished")  # every process returns once the run's files are written
     log(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'samples'}, ensure_ascii=False)}")
