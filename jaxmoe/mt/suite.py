@@ -32,7 +32,7 @@ from jaxmoe.mt.shots import (SHOT_TYPES, as_document_shot, document_shots, model
                              similar_shots)
 
 __all__ = ["SUITES", "TestSet", "available_pairs", "doc_comet", "format_table", "hypothesis_path", "load_testset",
-           "hybrid_rows", "run_suite", "score_hypothesis_dir", "score_pair", "select_shots", "write_results"]
+           "hybrid_rows", "read_hypotheses", "run_suite", "score_hypothesis_dir", "score_pair", "select_shots", "write_results"]
 
 SUITES = ("wmt22",)
 DOC_COMET_WINDOW = 4
@@ -143,6 +143,24 @@ def score_pair(testset: TestSet, hypotheses: Sequence[str], *, comet=None, comet
     return row
 
 
+def read_hypotheses(hyp_dir, data, lang_pair: str, limit: int | None = None) -> list[str]:
+    """The outputs for `lang_pair` in the hypothesis folder `hyp_dir` (DIR/xxyy/test.xx-yy.yy): one line per test
+    line, or per line of the first `limit` (a file of the whole test set is then cut to its first `limit` lines; any
+    other line count is an error)."""
+    path = hypothesis_path(hyp_dir, lang_pair)
+    if not path.is_file():
+        raise FileNotFoundError(f"hypothesis folder {str(hyp_dir)!r} is missing {lang_pair}: {str(path)!r}; "
+                                "expected DIR/xxyy/test.xx-yy.yy")
+    lines = read_lines(path, what="hypothesis file")
+    full = len(load_testset(data, lang_pair).sources)
+    wanted = full if limit is None else min(limit, full)
+    if len(lines) not in (full, wanted):
+        raise ValueError(f"hypothesis file {str(path)!r} has {len(lines)} lines but the {lang_pair} test set has "
+                         f"{full}{'' if wanted == full else f' (first {wanted} with the limit)'}; expected one "
+                         "translation per test line")
+    return lines[:wanted]
+
+
 def score_hypothesis_dir(hyp_dir, data, pairs: Sequence[str], *, limit: int | None = None, comet=None,
                          cometkiwi=None) -> list[dict]:
     """Scores existing outputs laid out as HYP_DIR/{src}{tgt}/test.{src}-{tgt}.{tgt} against the test sets."""
@@ -157,11 +175,7 @@ def score_hypothesis_dir(hyp_dir, data, pairs: Sequence[str], *, limit: int | No
                                 f"{', '.join(missing)}; expected DIR/xxyy/test.xx-yy.yy for each pair")
     rows = []
     for testset in testsets:
-        path = hypothesis_path(hyp_dir, testset.lang_pair)
-        hypotheses = read_lines(path, what="hypothesis file")
-        if len(hypotheses) != len(testset.references):
-            raise ValueError(f"hypothesis file {str(path)!r} has {len(hypotheses)} lines but the {testset.lang_pair} "
-                             f"test set has {len(testset.references)}; expected one translation per test line")
+        hypotheses = read_hypotheses(hyp_dir, data, testset.lang_pair, limit)
         rows.append(score_pair(testset, hypotheses, comet=comet, cometkiwi=cometkiwi))
     return rows
 
@@ -300,16 +314,7 @@ def hybrid_rows(data, pairs: Sequence[str], dir_a, dir_b, scorer_for, *, route: 
     rows = []
     for pair in pairs:
         testset = load_testset(data, pair).head(limit)
-        outputs = []
-        for folder in (dir_a, dir_b):
-            path = hypothesis_path(folder, pair)
-            if not path.is_file():
-                raise FileNotFoundError(f"hypothesis folder {str(folder)!r} is missing {pair}: {str(path)!r}")
-            lines = read_lines(path, what="hypothesis file")[:len(testset.sources)]
-            if len(lines) != len(testset.sources):
-                raise ValueError(f"hypothesis file {str(path)!r} has {len(lines)} lines; the {pair} test set has "
-                                 f"{len(testset.sources)}")
-            outputs.append(lines)
+        outputs = [read_hypotheses(folder, data, pair, limit) for folder in (dir_a, dir_b)]
         scorer = scorer_for(pair)
         routed = (max_routing(testset.sources, outputs, scorer) if route == "max"
                   else threshold_routing(testset.sources, *outputs, scorer, threshold))

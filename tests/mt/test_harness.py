@@ -349,6 +349,12 @@ def test_bad_suite_inputs_are_named(data, system, tmp_path, capsys):
     write_lines(hypothesis_path(partial, "de-en"), ["x"] * 12)
     with pytest.raises(FileNotFoundError, match=r"missing 1 pair\(s\): .*ende/test.en-de.de"):
         score_hypothesis_dir(partial, data, ["de-en", "en-de"])
+    write_lines(hypothesis_path(partial, "en-de"), ["x"] * 13)
+    with pytest.raises(ValueError, match=r"test.en-de.de' has 13 lines but the en-de test set has 12; expected one"):
+        score_hypothesis_dir(partial, data, ["en-de"])
+    with pytest.raises(ValueError, match=r"has 13 lines but the en-de test set has 12 \(first 4 with the limit\)"):
+        hybrid_rows(data, ["en-de"], partial, partial, lambda pair: None, limit=4)
+    assert [r["segments"] for r in score_hypothesis_dir(system, data, ["de-en"], limit=4)] == [4]  # whole file, cut
     testset = load_testset(data, "de-en")
     with pytest.raises(ValueError, match="shot type 'ZZ' is unknown; expected none or one of RR, QR, QS, DF, DR"):
         select_shots(testset, "ZZ", 5, data=data)
