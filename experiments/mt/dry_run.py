@@ -127,7 +127,8 @@ def compile_step(model: nnx.Module, optimizer: nnx.Optimizer, batch_shape: tuple
         return nnx.state((model, optimizer)), metrics
 
     ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
-    batch = Batch(*(ids,) * len(Batch._fields))  # BatchStream's packed rows fill all five fields
+    # BatchStream's packed rows fill every [b, t] field; task_ids stay None (no task adapters here)
+    batch = Batch(input_ids=ids, loss_mask=ids, attention_mask=ids, segment_ids=ids, positions=ids)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     return jax.jit(step, donate_argnums=0).lower(state, batch, key).compile()
 
