@@ -1,5 +1,6 @@
 """jaxmoe.mt.pema: the external memory holds exactly the teacher-forced pre-norm states, both training phases
-learn from head parameters alone, and Gradual Unrolling inside jaxmoe.generate equals a NumPy reference."""
+learn from head parameters alone, and Gradual Unrolling and the kNN-LM baseline inside jaxmoe.generate equal NumPy
+references."""
 
 import copy
 import inspect
@@ -15,8 +16,8 @@ import jaxmoe
 from conftest import tiny
 from jaxmoe.infer.generate import _generate_compiled
 from jaxmoe.mt.pema import (EN_DE_PROMPT, PEMA, Head, Memory, build_memory, encode_examples, exceeds_previous_two,
-                            gradual_unrolling, gu_coefficients, lm_head_of, memory_loss, train_joint,
-                            train_reconstruction)
+                            gradual_unrolling, gu_coefficients, knn_lm, knn_log_probs, lm_head_of, memory_arrays,
+                            memory_loss, nearest, train_joint, train_reconstruction)
 from jaxmoe.nn.lm_loss import OutputHead
 from jaxmoe.nn.norms import RMSNorm
 
@@ -265,3 +266,63 @@ def test_bad_inputs_name_the_value_and_what_to_do(model, memory):
         gradual_unrolling(pema, head)
     with pytest.raises(ValueError, match="return_hidden='prenorm'; expected False"):
         model(jnp.asarray([[1, 2]], jnp.int32), return_hidden="prenorm")
+
+
+def numpy_knn_log_probs(query_nd, keys_md, values_m, vocab, k, temperature):
+    """kNN-LM by brute force in float64: per query, sort all squared distances, softmax over the k smallest,
+    summed per value."""
+    q, keys = np.asarray(query_nd, np.float64), np.asarray(keys_md, np.float64)
+    out = np.zeros((len(q), vocab))
+    for n, row in enumerate(q):
+        d2 = np.sum((keys - row) ** 2, axis=-1)
+        near = np.argsort(d2, kind="stable")[:k]
+        w = np.exp(-(d2[near] - d2[near].min()) / temperature)
+        np.add.at(out[n], np.asarray(values_m)[near], w / w.sum())
+    with np.errstate(divide="ignore"):
+        return np.log(out)
+
+
+def test_knn_log_probs_and_the_knn_lm_mixture_equal_a_numpy_reference(memory):
+    keys, values = memory_arrays(memory)
+    assert keys.shape == (len(memory), D) and values.shape == (len(memory),)
+    queries = keys[[0, 5, 11]] + np.random.default_rng(1).normal(0, 0.3, (3, D)).astype(np.float32)
+    # Temperatures on the scale of the distances, so that no weight underflows in float32.
+    scale = float(np.median(np.sum((keys[None] - queries[:, None]) ** 2, -1)))
+    for k, temperature in ((1, 1.0), (4, scale), (len(memory), 2 * scale)):
+        got = np.asarray(knn_log_probs(jnp.asarray(queries), jnp.asarray(keys), jnp.asarray(values), VOCAB, k=k,
+                                       temperature=temperature))
+        want = numpy_knn_log_probs(queries, keys, values, VOCAB, k, temperature)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # the same tokens get no vote
+        np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-4, atol=1e-4)
+    d2, idx = nearest(jnp.asarray(queries), jnp.asarray(keys), 3)
+    # |q|^2 - 2 q.k + |k|^2 cancels: float32 error on the scale of |q|^2 + |k|^2 (about 4,000 here).
+    np.testing.assert_allclose(d2, np.sum((keys[np.asarray(idx)] - queries[:, None]) ** 2, -1), rtol=1e-4, atol=1e-2)
+    assert (np.diff(np.asarray(d2), axis=-1) >= 0).all()
+
+    knn = knn_lm(memory, k=4, temperature=scale, lam=0.3)
+    logits = np.random.default_rng(2).normal(0, 2, (3, VOCAB)).astype(np.float32)
+    mixed = np.asarray(jax.jit(lambda p, lg, h: p(jnp.int32(0), lg, h))(knn, jnp.asarray(logits),
+                                                                         jnp.asarray(queries)))
+    p_knn = np.exp(numpy_knn_log_probs(queries, keys, values, VOCAB, 4, scale))
+    want = np.log(0.3 * p_knn + 0.7 * np.exp(np.stack([log_softmax(r) for r in logits])))
+    np.testing.assert_allclose(mixed, want, rtol=1e-4, atol=1e-4)
+    off = knn_lm(memory, k=4, temperature=scale, lam=0.0)(jnp.int32(0), jnp.asarray(logits), jnp.asarray(queries))
+    np.testing.assert_allclose(np.asarray(off), np.stack([log_softmax(r) for r in logits]), atol=1e-5)
+
+
+def test_knn_lm_runs_inside_generate_and_rejects_bad_settings(model, memory):
+    ids = np.asarray([[1, 5, 9, 14, 20]], np.int32)
+    plain = np.asarray(jaxmoe.generate(model, ids, max_new_tokens=4, eos_token_id=()))
+    off = knn_lm(memory, k=2, temperature=1.0, lam=0.0)
+    np.testing.assert_array_equal(jaxmoe.generate(model, ids, max_new_tokens=4, eos_token_id=(),
+                                                  logits_processor=off), plain)
+    # lam = 1: only the memory's tokens can be chosen.
+    only = np.asarray(jaxmoe.generate(model, ids, max_new_tokens=4, eos_token_id=(),
+                                      logits_processor=knn_lm(memory, k=2, lam=1.0)))[0, 5:]
+    assert set(only.tolist()) <= set(memory_arrays(memory)[1].tolist())
+    with pytest.raises(ValueError, match=r"k=0; expected an integer in \[1, 20\]"):
+        knn_lm(memory, k=0)
+    with pytest.raises(ValueError, match="temperature=0; expected a positive number"):
+        knn_lm(memory, temperature=0)
+    with pytest.raises(ValueError, match=r"lam=1.5; expected a number in \[0, 1\]"):
+        knn_lm(memory, lam=1.5)

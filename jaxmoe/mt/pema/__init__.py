@@ -13,16 +13,19 @@ layer's output BEFORE the final norm, f(c_i)) and the output side of the model (
    the memory and, for phase 2, a `Head` (final norm + LM head params, `lm_head_of(model)`), never the model (train.py).
 4. `gradual_unrolling`: a logits processor for `jaxmoe.generate` (greedy, sampled or beam search) that mixes
    P = c_t P_PEMA + (1 - c_t) P_LM in probability space, c_t from Gradual Unrolling's decaying lambda (decode.py).
+5. `knn_lm`: the kNN-LM baseline over the same memory, P = lam P_kNN + (1 - lam) P_LM with P_kNN from the k nearest
+   keys, as a logits processor too (knn.py).
 """
 
 from jaxmoe.mt.pema.decode import GradualUnrolling, gradual_unrolling, gu_coefficients
+from jaxmoe.mt.pema.knn import KNNLM, knn_lm, knn_log_probs, memory_arrays, nearest
 from jaxmoe.mt.pema.memory import (EN_DE_PROMPT, FORMALITY_PROMPT, Memory, MemoryInfo, build_memory, encode_examples,
                                    model_fingerprint)
 from jaxmoe.mt.pema.module import PEMA, Head, lm_head_of
 from jaxmoe.mt.pema.train import TrainResult, exceeds_previous_two, memory_loss, train_joint, train_reconstruction
 
-__all__ = ["EN_DE_PROMPT", "FORMALITY_PROMPT", "GradualUnrolling", "Head", "Memory", "MemoryInfo", "PEMA",
+__all__ = ["EN_DE_PROMPT", "FORMALITY_PROMPT", "GradualUnrolling", "Head", "KNNLM", "Memory", "MemoryInfo", "PEMA",
            "TrainResult", "build_memory", "encode_examples", "exceeds_previous_two", "gradual_unrolling",
-           "gu_coefficients", "lm_head_of", "memory_loss", "model_fingerprint", "train_joint",
-           "train_reconstruction"]
+           "gu_coefficients", "knn_lm", "knn_log_probs", "lm_head_of", "memory_arrays", "memory_loss",
+           "model_fingerprint", "nearest", "train_joint", "train_reconstruction"]
 

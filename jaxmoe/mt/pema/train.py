@@ -17,7 +17,7 @@ from flax import nnx
 from jaxmoe.mt.pema.memory import Memory
 from jaxmoe.mt.pema.module import PEMA, Head, check_unit
 
-__all__ = ["TrainResult", "exceeds_previous_two", "memory_loss", "train_joint", "train_reconstruction"]
+__all__ = ["TrainResult", "exceeds_previous_two", "memory_loss", "pema_step", "train_joint", "train_reconstruction"]
 
 
 def _objective(pema: PEMA, head: Head | None, f_nd, y_n, w_n, kappa):
@@ -35,7 +35,10 @@ def _objective(pema: PEMA, head: Head | None, f_nd, y_n, w_n, kappa):
 
 
 @nnx.jit
-def _train_step(pema, optimizer, head, f_nd, y_n, w_n, kappa):
+def pema_step(pema, optimizer, head, f_nd, y_n, w_n, kappa):
+    """One optimizer step on a padded memory batch (keys f [n, d], next tokens y [n], weights w [n], 0 on padding);
+    head None: phase 1's reconstruction loss. Returns the mean loss (jitted; the training memory that
+    experiments/mt/pema_deen.py reports is this step's compiled memory)."""
     def loss_fn(pema):
         total, count = _objective(pema, head, f_nd, y_n, w_n, kappa)
         return total / count
@@ -111,7 +114,7 @@ def _fit(pema: PEMA, head: Head | None, memory: Memory, valid: Memory | None, wr
     for epoch in range(max_epochs):
         for keys, values in memory.batches(rows, seed=seed + epoch):
             pema.train()
-            loss = float(_train_step(pema, optimizer, head, *_padded(keys, values, rows), kappa))
+            loss = float(pema_step(pema, optimizer, head, *_padded(keys, values, rows), kappa))
             step += 1
             if valid is not None and step % eval_every == 0:
                 losses.append(memory_loss(pema, valid, head, kappa=float(kappa), batch_size=batch_size))
