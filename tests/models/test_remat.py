@@ -31,7 +31,9 @@ def _flat(tree) -> dict:
     return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+# tiny-moe (38 s) runs in the slow tier: the default tier's 8-minute budget; the MoE remat path is also exercised
+# by tests/moe/test_task_adapters.py::test_task_ids_reach_the_layers_under_remat.
+@pytest.mark.parametrize("name", ["tiny", pytest.param("tiny-moe", marks=pytest.mark.slow)])
 def test_remat_leaves_logits_and_every_gradient_unchanged(name, rng):
     """Two layers: the second must draw its routing noise from the RNG state the first one's recomputation
     passes on, as without remat."""

@@ -68,6 +68,7 @@ def test_abstract_models_count_the_same_bytes_without_any_buffer():
     assert bytes_by_group(abstract) == bytes_by_group(concrete)
 
 
+@pytest.mark.slow  # 31 s: the default tier's 8-minute budget
 def test_phi35_moe_with_low_bit_experts_meets_the_moqe_memory_targets():
     """Acceptance (issue 7): int4 experts with group 64 and bf16 scales <= 0.30x, int2 <= 0.21x the bf16 model."""
     config = jaxmoe.get_preset("phi3.5-moe")
