@@ -145,8 +145,8 @@ def score_pair(testset: TestSet, hypotheses: Sequence[str], *, comet=None, comet
 
 def read_hypotheses(hyp_dir, data, lang_pair: str, limit: int | None = None) -> list[str]:
     """The outputs for `lang_pair` in the hypothesis folder `hyp_dir` (DIR/xxyy/test.xx-yy.yy): one line per test
-    line, or per line of the first `limit` (a file of the whole test set is then cut to its first `limit` lines; any
-    other line count is an error)."""
+    line; with `limit`, the first `limit` lines of a file that holds at least those (a run over the whole test set,
+    or over a larger limit). A file with fewer lines, or with more than the test set, is an error."""
     path = hypothesis_path(hyp_dir, lang_pair)
     if not path.is_file():
         raise FileNotFoundError(f"hypothesis folder {str(hyp_dir)!r} is missing {lang_pair}: {str(path)!r}; "
@@ -154,7 +154,7 @@ def read_hypotheses(hyp_dir, data, lang_pair: str, limit: int | None = None) -> 
     lines = read_lines(path, what="hypothesis file")
     full = len(load_testset(data, lang_pair).sources)
     wanted = full if limit is None else min(limit, full)
-    if len(lines) not in (full, wanted):
+    if not wanted <= len(lines) <= full:
         raise ValueError(f"hypothesis file {str(path)!r} has {len(lines)} lines but the {lang_pair} test set has "
                          f"{full}{'' if wanted == full else f' (first {wanted} with the limit)'}; expected one "
                          "translation per test line")

@@ -355,6 +355,9 @@ def test_bad_suite_inputs_are_named(data, system, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"has 13 lines but the en-de test set has 12 \(first 4 with the limit\)"):
         hybrid_rows(data, ["en-de"], partial, partial, lambda pair: None, limit=4)
     assert [r["segments"] for r in score_hypothesis_dir(system, data, ["de-en"], limit=4)] == [4]  # whole file, cut
+    write_lines(hypothesis_path(partial, "en-de"), ["x"] * 3)
+    with pytest.raises(ValueError, match=r"has 3 lines but the en-de test set has 12 \(first 4 with the limit\)"):
+        score_hypothesis_dir(partial, data, ["en-de"], limit=4)
     testset = load_testset(data, "de-en")
     with pytest.raises(ValueError, match="shot type 'ZZ' is unknown; expected none or one of RR, QR, QS, DF, DR"):
         select_shots(testset, "ZZ", 5, data=data)
