@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
 from jaxmoe import sharding
-from jaxmoe.mt import synthetic
+from jaxmoe.demo import write_corpus
 from jaxmoe.train.batches import BatchStream, host_rows
 from jaxmoe.train.checkpoint import _fingerprint
 from jaxmoe.train.metrics import read_metrics
@@ -188,9 +188,7 @@ def losses(run_dir: Path, split: str) -> dict[int, float]:
 def test_two_processes_train_validate_export_and_resume_like_one_process(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for split, pairs in synthetic.make_splits(train=200, valid=12, test=4, seed=3).items():
-        (corpus / f"{split}.en").write_text("".join(p.source + "\n" for p in pairs))
-        (corpus / f"{split}.zt").write_text("".join(p.target + "\n" for p in pairs))
+    write_corpus(corpus, seed=3, sizes=dict(train=200, valid=12, test=4))
     multi, single = tmp_path / "multi", tmp_path / "single"
     processes = start_processes(run_config(corpus, multi), tmp_path)
     try:  # the reference, meanwhile: one process, the same 4-device mesh (of this process's 8 devices)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import jaxmoe
-from jaxmoe.mt import synthetic
+from jaxmoe.demo import write_corpus
 from jaxmoe.train.batches import BatchStream, eval_batches
 from jaxmoe.train.run_config import ConfigError
 from jaxmoe.train.tasks import TaskMap
@@ -26,9 +26,7 @@ ADAPTERS = {"mode": "static", "num_tasks": 3, "bottleneck": 4}  # id 2 reserved:
 def corpus(tmp_path_factory):
     """Small English <-> Zentish files; used in both directions they are two language pairs."""
     folder = tmp_path_factory.mktemp("corpus")
-    for split, pairs in synthetic.make_splits(train=40, valid=4, test=2, seed=5).items():
-        (folder / f"{split}.en").write_text("".join(p.source + "\n" for p in pairs))
-        (folder / f"{split}.zt").write_text("".join(p.target + "\n" for p in pairs))
+    write_corpus(folder, seed=5, sizes=dict(train=40, valid=4, test=2))
     return folder
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxmoe.mt import synthetic
+from jaxmoe.demo import write_corpus
 from jaxmoe.train import data as data_lib
 from jaxmoe.train.checkpoint import CheckpointMismatchError
 from jaxmoe.train.metrics import read_metrics
@@ -34,9 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 def corpus(tmp_path_factory):
     """Small English -> Zentish train / valid / test files."""
     folder = tmp_path_factory.mktemp("corpus")
-    for split, pairs in synthetic.make_splits(train=400, valid=24, test=8, seed=3).items():
-        (folder / f"{split}.en").write_text("".join(p.source + "\n" for p in pairs))
-        (folder / f"{split}.zt").write_text("".join(p.target + "\n" for p in pairs))
+    write_corpus(folder, seed=3, sizes=dict(train=400, valid=24, test=8))
     return folder
 
 
