@@ -26,6 +26,7 @@ from jaxmoe.sharding import on_auto_axes
 
 __all__ = ["LogitsProcessor", "as_logits_processor", "filter_logits", "generate", "sample_logits"]
 
+
 def filter_logits(logits_bv: jax.Array, top_k: int | None = None, top_p=None) -> jax.Array:
     """float [b, v] -> float32 [b, v] with tokens outside the top-k, then outside the nucleus, set to -inf.
 
