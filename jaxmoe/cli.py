@@ -139,6 +139,9 @@ def _build_parser() -> _Parser:
                     help="beam search: hypotheses scored by log-prob / length ** this (default: %(default)s)")
     tr.add_argument("--cut-at-newline", action="store_true",
                     help="keep each translation's first non-empty line only (ALMA's decoding)")
+    tr.add_argument("--prune-every", type=int, default=8,
+                    help="greedy: finished rows leave the decode batch every N steps (batch pruning; the same "
+                         "output); 0 turns it off (default: %(default)s)")
 
     gen = commands.add_parser(
         "generate", help="generate text from a Hugging Face checkpoint folder",
@@ -323,7 +326,7 @@ def _run_translate(args) -> int:
                                   prompt=lambda s: prompt.render(s, args.src_lang, args.tgt_lang),
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                  cut_at_newline=args.cut_at_newline)
+                                  cut_at_newline=args.cut_at_newline, prune_every=args.prune_every or None)
     print(f"wrote {len(translations)} translations to {args.out}", file=sys.stderr)
     return 0
 

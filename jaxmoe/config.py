@@ -96,6 +96,10 @@ class TaskAdapterConfig:
                 f"pool_top_k={self.pool_top_k} with pool_size={self.pool_size}; expected pool_top_k <= pool_size")
 
 
+# "auto" and the names of jaxmoe.moe.experts.IMPLEMENTATIONS (tests/moe/test_experts.py holds the two equal).
+EXPERT_IMPLEMENTATIONS = ("auto", "blocked", "decode", "decode_int8", "pallas", "xla_ragged")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class MoEConfig:
     """The sparse feed-forward block of Phi-3.5-MoE / GRIN-MoE (`model_type: phimoe`).
@@ -107,6 +111,10 @@ class MoEConfig:
     "all_gather" or "all_to_all"; see `jaxmoe.moe.parallel`).
     `task_adapters`: task information at one of three granularities (`TaskAdapterConfig`; a dict of its fields,
     as config files and checkpoints carry it, is converted); None: the plain, task-agnostic MoE.
+    `expert_implementation`: how the experts compute (`jaxmoe.moe.experts.IMPLEMENTATIONS`); "auto" takes, on CPU,
+    "decode_int8" for a few token copies with quantized experts (activations as two int8 limbs, within about 1e-4
+    of the dequantized weights' result), "decode" for a few copies with float experts, "blocked" for more, and
+    "pallas" off CPU. "decode" keeps quantized experts exactly weight-only at decode.
     """
 
     num_experts: int
@@ -119,6 +127,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     expert_parallel: str = "auto"
     task_adapters: TaskAdapterConfig | None = None
+    expert_implementation: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.task_adapters, dict):
@@ -135,6 +144,9 @@ class MoEConfig:
         if self.expert_parallel not in ("auto", "all_gather", "all_to_all"):
             raise ValueError(f"invalid MoEConfig: expert_parallel={self.expert_parallel!r}; expected 'auto', "
                              "'all_gather' or 'all_to_all'")
+        if self.expert_implementation not in EXPERT_IMPLEMENTATIONS:
+            raise ValueError(f"invalid MoEConfig: expert_implementation={self.expert_implementation!r}; expected one "
+                             f"of {list(EXPERT_IMPLEMENTATIONS)}")
         if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
             raise ValueError(f"invalid MoEConfig: num_experts={self.num_experts!r}; expected an integer >= 1")
         if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):

@@ -3,6 +3,7 @@
 transformers' PyTorch classes are the oracle (built here from tiny random configs, never downloaded).
 """
 
+import dataclasses
 import os
 
 # The suite's tiny programs spend far longer compiling than running. Without LLVM's optimisation of the machine
@@ -169,8 +170,12 @@ def numpy_dequantize(w_gkn: np.ndarray, bits: int, group_size: int | None, symme
 def tiny(name: str, seed: int = 0, **overrides):
     """A jaxmoe preset ("tiny" dense, tied; "tiny-moe": 4 experts, untied lm_head with bias) with one layer by
     default (compile time), random float32 weights, in eval mode. Weights are scaled up from the 0.02 init so
-    the logits are far from zero."""
+    the logits are far from zero. expert_implementation="decode" (say) sets an MoE preset's
+    `MoEConfig.expert_implementation`."""
+    implementation = overrides.pop("expert_implementation", None)  # an MoE preset's experts; a dense one has none
     config = jaxmoe.get_preset(name).replace(**{"num_layers": 1, **overrides})
+    if implementation is not None and config.moe is not None:
+        config = config.replace(moe=dataclasses.replace(config.moe, expert_implementation=implementation))
     cls = jaxmoe.Phi3ForCausalLM if config.moe is None else jaxmoe.PhimoeForCausalLM
     model = cls(config, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)

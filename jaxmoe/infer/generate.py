@@ -69,27 +69,35 @@ def _emit(step, tokens_b):
     _stream_target[0](int(step), np.asarray(tokens_b))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "greedy", "top_k",
-                                             "use_top_p", "stream"))
-def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
-                       task_ids_b, *, max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
-    """The pure decode program (`processor`: None or a pytree logits processor; `task_ids_b`: None or int32 [b]).
-    Returns tokens int32 [b, t + max_new_tokens]."""
-    model = nnx.merge(graphdef, state)
-    tasks = {} if task_ids_b is None else {"task_ids": task_ids_b}  # a model without task adapters takes none
-    b, t = ids_bt.shape
-    width = t + max_new_tokens
-    buf_bw = jnp.full((b, width), pad_id, jnp.int32).at[:, :t].set(ids_bt)
-    valid_bw = jnp.ones((b, width), jnp.int32).at[:, :t].set(mask_bt)
-    n_real_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
+def _row_tokens(logits_bv, key, step, row_ids_b, temperature, top_k, top_p):
+    """Next tokens int32 [b]. Greedy for a Python temperature of 0; otherwise row r draws with the key
+    fold_in(fold_in(key, step), row_ids_b[r]), so a prompt's draws do not depend on which other rows share its
+    batch or where it sits in it (batch pruning moves rows)."""
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return greedy_tokens(logits_bv)
+    step_key = jax.random.fold_in(key, step)
+    keys_b = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids_b)
+    return jax.vmap(lambda logits_v, k: sample_logits(logits_v[None], k, temperature, top_k, top_p)[0])(
+        logits_bv, keys_b)
+
+
+def _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, *, t, greedy, top_k, use_top_p,
+             stream):
+    """The step functions of a decode program, traced inside jit: (advance, run_until).
+
+    rows: the per-row constants {"n_real": int32 [b] real prompt tokens, "row_ids": int32 [b] each row's index in
+    the caller's batch, "mask": int32 [b, t] the prompt mask, "task_ids": int32 [b] or None}. The carry is
+    (step, cache, buf int32 [b, t + max_new_tokens], done bool [b]); step s picks new token s."""
+    tasks = {} if rows["task_ids"] is None else {"task_ids": rows["task_ids"]}  # a model without adapters takes none
     hidden = hidden_mode(processor)
+    b = rows["n_real"].shape[0]
 
     def advance(step, out, cache, buf, done):
         """Picks token `step` from the model output's last position, writes it at column t + step, returns the new
         carry."""
         logits_bv = processed_logits(processor, step, out, b)
-        new_b = sample_logits(logits_bv, jax.random.fold_in(key, step), 0.0 if greedy else temperature, top_k,
-                              top_p if use_top_p else None)
+        new_b = _row_tokens(logits_bv, key, step, rows["row_ids"], 0.0 if greedy else temperature, top_k,
+                            top_p if use_top_p else None)
         new_b = jnp.where(done, pad_id, new_b)
         done = done | jnp.any(new_b[:, None] == eos_ids[None, :], axis=-1)
         buf = jax.lax.dynamic_update_slice(buf, new_b[:, None], (0, t + step))
@@ -101,35 +109,145 @@ def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p
         """Runs the newest token (column t + step - 1) through the model with its cache."""
         step, cache, buf, done = carry
         token_b1 = jax.lax.dynamic_slice_in_dim(buf, t + step - 1, 1, axis=1)
-        positions_b1 = (n_real_b + step - 1)[:, None]
+        positions_b1 = (rows["n_real"] + step - 1)[:, None]
         out = model(token_b1, positions=positions_b1, cache=cache, logits_to_keep=1, return_hidden=hidden, **tasks)
         return advance(step, out, out.cache, buf, done)
 
     def rebuild_step(carry, slot):
         """Runs the whole buffer up to `slot` again into an emptied cache (transformers' LongRoPE recompute)."""
         step, cache, buf, done = carry
+        valid = jnp.ones((b, slot + 1), jnp.int32).at[:, :t].set(rows["mask"])
         emptied = cache.replace(index=jnp.zeros_like(cache.index))
-        out = model(buf[:, :slot + 1], attention_mask=valid_bw[:, :slot + 1], cache=emptied, logits_to_keep=1,
-                    return_hidden=hidden, **tasks)
+        out = model(buf[:, :slot + 1], attention_mask=valid, cache=emptied, logits_to_keep=1, return_hidden=hidden,
+                    **tasks)
         return advance(step, out, out.cache, buf, done)
 
     def decode_until(carry, stop):
         return jax.lax.while_loop(lambda c: (c[0] < stop) & ~jnp.all(c[3]), decode_step, carry)
 
+    def run_until(carry, stop, width):
+        """Decodes while step < stop (traced) and a row is running. Like transformers, the step that first runs
+        column original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead."""
+        rope = model.config.longrope
+        if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
+            slot = rope.original_max_position_embeddings
+            step_at = slot - t + 1
+            carry = decode_until(carry, jnp.minimum(stop, step_at))
+            carry = jax.lax.cond((carry[0] == step_at) & (carry[0] < stop) & ~jnp.all(carry[3]),
+                                 functools.partial(rebuild_step, slot=slot), lambda c: c, carry)
+        return decode_until(carry, stop)
+
+    return advance, run_until
+
+
+def _prefill(model, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor, task_ids_b, *,
+             max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
+    """Runs the prompts into a new cache and picks the first new token -> (carry, rows, run_until)."""
+    b, t = ids_bt.shape
+    rows = {"n_real": jnp.sum(mask_bt, axis=1, dtype=jnp.int32), "row_ids": jnp.arange(b, dtype=jnp.int32),
+            "mask": mask_bt, "task_ids": task_ids_b}
+    advance, run_until = _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, t=t,
+                                  greedy=greedy, top_k=top_k, use_top_p=use_top_p, stream=stream)
+    tasks = {} if task_ids_b is None else {"task_ids": task_ids_b}
+    buf_bw = jnp.full((b, t + max_new_tokens), pad_id, jnp.int32).at[:, :t].set(ids_bt)
     prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
-                    return_hidden=hidden, **tasks)
+                    return_hidden=hidden_mode(processor), **tasks)
     carry = advance(0, prefill, prefill.cache, buf_bw, jnp.zeros((b,), bool))
-    # Decode step s runs column t + s - 1. Like transformers, the step that first runs column
-    # original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead.
-    rope = model.config.longrope
-    if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
-        slot = rope.original_max_position_embeddings
-        step_at = slot - t + 1
-        carry = decode_until(carry, step_at)
-        carry = jax.lax.cond((carry[0] == step_at) & ~jnp.all(carry[3]),
-                             functools.partial(rebuild_step, slot=slot), lambda c: c, carry)
-    carry = decode_until(carry, max_new_tokens)
-    return carry[2]
+    return carry, rows, run_until
+
+
+_STATIC = ("graphdef", "max_new_tokens", "cache_len", "greedy", "top_k", "use_top_p", "stream")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
+                       task_ids_b, *, max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
+    """The pure decode program (`processor`: None or a pytree logits processor; `task_ids_b`: None or int32 [b]).
+    Returns tokens int32 [b, t + max_new_tokens]."""
+    model = nnx.merge(graphdef, state)
+    carry, _, run_until = _prefill(model, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
+                                   task_ids_b, max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=greedy,
+                                   top_k=top_k, use_top_p=use_top_p, stream=stream)
+    return run_until(carry, max_new_tokens, carry[2].shape[1])[2]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
+                      task_ids_b, *, max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
+    """Batch pruning's first program: the prompts and the first new token -> (carry, rows)."""
+    carry, rows, _ = _prefill(nnx.merge(graphdef, state), ids_bt, mask_bt, key, temperature, top_p, eos_ids,
+                              pad_id, processor, task_ids_b, max_new_tokens=max_new_tokens, cache_len=cache_len,
+                              greedy=greedy, top_k=top_k, use_top_p=use_top_p, stream=stream)
+    return carry, rows
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"))
+def _decode_chunk_compiled(graphdef, state, carry, rows, key, temperature, top_p, eos_ids, pad_id, stop, *,
+                           greedy, top_k, use_top_p):
+    """Batch pruning's loop program: decodes the carry's rows until step `stop` (traced) or until all are done.
+    One compilation per batch size."""
+    model = nnx.merge(graphdef, state)
+    t = rows["mask"].shape[1]
+    _, run_until = _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, None, t=t, greedy=greedy,
+                            top_k=top_k, use_top_p=use_top_p, stream=False)
+    return run_until(carry, stop, carry[2].shape[1])
+
+
+@jax.jit
+def _take_rows(carry, rows, index_r, real_r):
+    """The carry and per-row constants of rows index_r [r] of the batch; rows where real_r [r] is False are
+    padding, marked done."""
+    step, cache, buf, done = carry
+    take = lambda a: None if a is None else a[index_r]  # noqa: E731
+    cache = cache.replace(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
+                          positions_bs=take(cache.positions_bs))
+    rows = {name: take(value) for name, value in rows.items()}
+    return (step, cache, take(buf), take(done) | ~real_r), rows
+
+
+def _generate_pruned(graphdef, state, prefill_args, *, prune_every: int, max_new_tokens: int, longrope: bool,
+                     **static):
+    """Generation with batch pruning: the decode loop runs `prune_every` steps at a time, and between runs the
+    rows still going move into the smallest power-of-two batch that holds them (one compiled loop per size, about
+    log2(b) of them). Finished rows' tokens are already final; every row's tokens equal unpruned generation's.
+
+    LongRoPE picks its factors per forward pass from the batch's largest position, finished rows included (as in
+    transformers), so for a LongRoPE model the row with the longest prompt stays in the batch (finished, as a
+    padding row if need be): the largest position, and with it every row's factors, stay those of the whole
+    batch."""
+    ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor, task_ids_b = prefill_args
+    carry, rows = _prefill_compiled(graphdef, state, *prefill_args, max_new_tokens=max_new_tokens, **static)
+    chunk = functools.partial(_decode_chunk_compiled, graphdef, state, key=key, temperature=temperature,
+                              top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, greedy=static["greedy"],
+                              top_k=static["top_k"], use_top_p=static["use_top_p"])
+    anchor = int(np.argmax(np.asarray(mask_bt).sum(axis=1))) if longrope else None
+    result = None
+    origin = np.arange(ids_bt.shape[0])  # the caller's row each batch row holds (padding rows repeat one)
+    real = np.ones(ids_bt.shape[0], bool)  # False for padding rows
+    while True:
+        step, done = int(carry[0]), np.asarray(carry[3])
+        live = np.flatnonzero(~done)
+        if step >= max_new_tokens or live.size == 0:
+            break
+        need = live.size + int(anchor is not None and anchor not in origin[live])
+        size = 1 << (need - 1).bit_length()  # the smallest power of two that holds them
+        if size < done.shape[0]:
+            result = _collect(result, np.asarray(carry[2]), origin, real)
+            fill = live[0] if anchor is None else int(np.flatnonzero(origin == anchor)[0])
+            index = np.concatenate([live, np.full(size - live.size, fill)])
+            real = np.arange(size) < live.size
+            carry, rows = _take_rows(carry, rows, jnp.asarray(index, jnp.int32), jnp.asarray(real))
+            origin = origin[index]
+        carry = chunk(carry=carry, rows=rows, stop=jnp.int32(min(step + prune_every, max_new_tokens)))
+    return jnp.asarray(_collect(result, np.asarray(carry[2]), origin, real))
+
+
+def _collect(result, buf_bw: np.ndarray, origin: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """The caller's [b, w] tokens with the batch's real rows written in at their caller rows."""
+    if result is None:
+        return buf_bw.copy()
+    result[origin[real]] = buf_bw[real]
+    return result
 
 
 def _checked_mask(attention_mask, shape) -> np.ndarray:
@@ -160,7 +278,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
              stream_callback: Callable[[int, np.ndarray], None] | None = None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False,
              num_return_sequences: int = 1, logits_processor: LogitsProcessor | None = None,
-             task_ids=None) -> jax.Array:
+             task_ids=None, prune_every: int | None = None) -> jax.Array:
     """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b * num_return_sequences,
     t + max_new_tokens].
 
@@ -171,7 +289,15 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     `temperature=0.0` is greedy; otherwise tokens are drawn from softmax(logits / temperature) after the
     `top_k` and `top_p` filters, with keys from `rngs` (default nnx.Rngs(0)). `max_length` sets the cache
     size (default t + max_new_tokens). `stream_callback(step, tokens int32 [b])` is called for every
-    generated step, in order, from inside the compiled loop.
+    generated step, in order, from inside the compiled loop. Row r's draws use the key fold_in(fold_in(key, step),
+    r): they do not depend on the other rows.
+
+    `prune_every=k` (batch pruning, "Who Says Elephants Can't Run"): the decode loop runs k steps at a time and
+    between runs the rows that are still going move into the smallest power-of-two batch that holds them, so
+    finished rows stop costing compute; the tokens are those of unpruned generation. One loop program is compiled
+    per batch size reached (about log2(b)), and each k steps wait on the device once. Not with beam search, a
+    stream_callback or a logits_processor (whose arrays may be per row). None (default): one compiled loop over
+    the whole batch, which is faster when the rows finish together.
 
     `num_beams > 1` is beam search (jaxmoe.infer.beam), token for token transformers' `generate(...,
     num_beams=..., do_sample=False)`: rows num_return_sequences * i ... of the result are prompt i's best
@@ -224,6 +350,16 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     check_beam_arguments(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                          num_return_sequences=num_return_sequences, temperature=temperature,
                          vocab_size=config.vocab_size)
+    if prune_every is not None:
+        if isinstance(prune_every, bool) or not isinstance(prune_every, (int, np.integer)) or prune_every < 1:
+            raise ValueError(f"prune_every={prune_every!r}; expected an integer >= 1 (decode steps between batch "
+                             "compactions), or None for no batch pruning")
+        clash = [name for name, given in (("num_beams > 1", num_beams > 1),
+                                          ("stream_callback", stream_callback is not None),
+                                          ("logits_processor", logits_processor is not None)) if given]
+        if clash:
+            raise ValueError(f"prune_every={prune_every} with {', '.join(clash)}: batch pruning moves rows between "
+                             "batches, which these cannot follow; pass prune_every=None")
     if num_beams > 1 and stream_callback is not None:
         raise ValueError(f"stream_callback with num_beams={num_beams}; beam search cannot stream (a step's running "
                          "beams are not the final tokens): pass num_beams=1 to stream")
@@ -250,12 +386,16 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     greedy = temperature == 0
     key = jax.random.key(0) if greedy else (rngs if rngs is not None else nnx.Rngs(0))()
     graphdef, state = nnx.split(model)
-    run = functools.partial(
-        _generate_compiled, graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key,
-        jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos),
-        jnp.int32(pad_token_id), processor, task_ids, max_new_tokens=int(max_new_tokens),
-        cache_len=cache_len, greedy=bool(greedy),
-        top_k=None if top_k is None else int(top_k), use_top_p=top_p is not None, stream=stream_callback is not None)
+    args = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key, jnp.float32(temperature),
+            jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos), jnp.int32(pad_token_id), processor,
+            task_ids)
+    static = dict(cache_len=cache_len, greedy=bool(greedy), top_k=None if top_k is None else int(top_k),
+                  use_top_p=top_p is not None, stream=stream_callback is not None)
+    if prune_every is not None:
+        return _generate_pruned(graphdef, state, args, prune_every=prune_every, max_new_tokens=int(max_new_tokens),
+                                longrope=config.longrope is not None, **static)
+    run = functools.partial(_generate_compiled, graphdef, state, *args, max_new_tokens=int(max_new_tokens),
+                            **static)
     if stream_callback is None:
         return run()
     with _stream_lock:

@@ -16,10 +16,20 @@ The expert computation over the sorted copies, `expert_ffn`, picks an implementa
                 that runs gate_up -> SwiGLU -> down per tile (XLA:CPU runs `ragged_dot` about 15x slower than a
                 dense matmul of the same FLOPs); a quantized weight is dequantized one expert at a time, once per
                 non-empty expert.
+  "decode"      the CPU path for a few rows (decoding: t·k copies, at most DECODE_MAX_ROWS): one loop over the
+                experts that received a copy, each multiplying all the rows and keeping its own, so a step reads
+                each active expert's weights once and nothing else. Quantized weights are dequantized one expert
+                at a time, as "blocked" does. Its backward is "blocked"'s.
+  "decode_int8" "decode", with quantized weights multiplied as int8 codes by int8-rounded activations
+                (`pallas_kernels.grouped.int8`: int32 accumulation per weight group, no float copy of a weight);
+                within `activation_rounding_bound` of "decode". Float weights go as in "decode".
+"auto" picks "pallas" off CPU; on CPU "decode_int8" for a few rows and a quantized weight, "decode" for a few rows,
+"blocked" otherwise (measured: experiments/bench/moe_decode.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -28,13 +38,16 @@ import numpy as np
 import pallas_kernels
 from jax import lax
 from pallas_kernels import QuantizedWeight
-from pallas_kernels.grouped.tiles import add_to_group, fold_group_tiles, group_weight, write_rows
+from pallas_kernels.grouped.int8 import int8_matmul
+from pallas_kernels.grouped.tiles import add_to_group, fold_group_tiles, group_weight, quantized_group, write_rows
 
 from jaxmoe.moe.dispatch import permute, route, unpermute
 
 # Row-tile heights of the "blocked" path, largest first, each half the one before (`fold_group_tiles`). Measured
 # on experiments/bench/moe_layer.py: a single height of 128 rows (all tiles masked) was 10% slower, 512 rows 20%.
 TILE_ROWS = (512, 256, 128, 64)
+# "auto" takes the "decode" paths on CPU for buffers of at most this many token copies (batch x top_k at decode).
+DECODE_MAX_ROWS = 64
 
 
 def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gate_up: jax.Array,
@@ -85,14 +98,21 @@ def expert_ffn(x_md: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_s
     floats = [w for w in (w_gate_up, w_down) if not isinstance(w, QuantizedWeight)]
     dtype = jnp.result_type(x_md, *floats)
     w_gate_up, w_down = (w if isinstance(w, QuantizedWeight) else w.astype(dtype) for w in (w_gate_up, w_down))
-    impl = IMPLEMENTATIONS[resolve_implementation(implementation)]
-    return impl(x_md.astype(dtype), w_gate_up, w_down, group_sizes_e.astype(jnp.int32))
+    name = resolve_implementation(implementation, rows=x_md.shape[0],
+                                  quantized=len(floats) < 2)
+    return IMPLEMENTATIONS[name](x_md.astype(dtype), w_gate_up, w_down, group_sizes_e.astype(jnp.int32))
 
 
-def resolve_implementation(implementation: str) -> str:
-    """"auto" -> "blocked" on CPU, "pallas" elsewhere; other names are checked against IMPLEMENTATIONS."""
+def resolve_implementation(implementation: str, *, rows: int | None = None, quantized: bool = False) -> str:
+    """"auto" -> "pallas" off CPU; on CPU, for a buffer of `rows` <= DECODE_MAX_ROWS token copies, "decode_int8"
+    when a weight is `quantized` and "decode" otherwise, and "blocked" for more rows (or rows None). Other names
+    are checked against IMPLEMENTATIONS."""
     if implementation == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "pallas"
+        if jax.default_backend() != "cpu":
+            return "pallas"
+        if rows is not None and rows <= DECODE_MAX_ROWS:
+            return "decode_int8" if quantized else "decode"
+        return "blocked"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected 'auto' or one of {sorted(IMPLEMENTATIONS)}")
     return implementation
@@ -203,8 +223,64 @@ def _weight_cotangent(w, dw):
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
+
+# The "decode" paths. A decode step holds t·k token copies (2 at batch 1 with top-2, 16 at batch 8), spread over up
+# to that many experts, and is bound by reading the weights: the loop runs once per expert that received a copy
+# (the non-empty groups, found by one sort), multiplies the whole [m, d] buffer by that expert's weights (m is
+# small, so the extra rows cost little arithmetic) and keeps the expert's own rows. No per-expert cond or row tiles:
+# measured at e=16, d=512, f=1024 on 2 CPU cores, the "blocked" loop took 1.3-1.8x as long per step at t = 1-16
+# tokens (BENCHMARKS.md, issue 19).
+def _active_experts(group_sizes_e: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (expert ids int32 [e]: the non-empty ones first, in increasing order; how many are non-empty)."""
+    order = jnp.argsort(group_sizes_e == 0, stable=True).astype(jnp.int32)
+    return order, jnp.sum(group_sizes_e > 0, dtype=jnp.int32)
+
+
+def _decode_matmul(x_mk: jax.Array, w, e: jax.Array, integer: bool) -> jax.Array:
+    """x [m, k] @ w[e] -> float32 [m, n]; a QuantizedWeight through int8 codes (`integer`) or dequantized."""
+    if integer and isinstance(w, QuantizedWeight):
+        return int8_matmul(x_mk, quantized_group(w, e))
+    return _matmul(x_mk, group_weight(w, e, x_mk.dtype), ((1,), (0,)))
+
+
+def _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer: bool):
+    m = x_md.shape[0]
+    ends_e = jnp.cumsum(group_sizes_e)
+    starts_e = ends_e - group_sizes_e
+    experts, count = _active_experts(group_sizes_e)
+    rows_m = jnp.arange(m, dtype=jnp.int32)
+
+    def expert(i, out_md):
+        e = experts[i]
+        h = _decode_matmul(x_md, w_gate_up, e, integer).astype(x_md.dtype)
+        y = _decode_matmul(_swiglu(h), w_down, e, integer)
+        mine = (rows_m >= starts_e[e]) & (rows_m < ends_e[e])
+        return jnp.where(mine[:, None], y.astype(out_md.dtype), out_md)
+
+    return lax.fori_loop(0, count, expert, jnp.zeros_like(x_md))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decode(x_md, w_gate_up, w_down, group_sizes_e, integer):
+    return _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer)
+
+
+def _decode_fwd(x_md, w_gate_up, w_down, group_sizes_e, integer):
+    out = _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer)
+    return out, (x_md, w_gate_up, w_down, group_sizes_e)
+
+
+def _decode_bwd(integer, residuals, dout_md):
+    del integer  # the gradient is the dequantized weights' (a QuantizedWeight gets none)
+    return _blocked_bwd(residuals, dout_md)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
 IMPLEMENTATIONS: dict[str, Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "blocked": _blocked,
+    "decode": functools.partial(_decode, integer=False),
+    "decode_int8": functools.partial(_decode, integer=True),
     "pallas": _two_grouped_matmuls(pallas_kernels.gmm),
     "xla_ragged": _two_grouped_matmuls(_ragged_dot),
 }

@@ -91,9 +91,11 @@ class SparseMoeBlock(nnx.Module):
             if self.moe.capacity_factor > 0:
                 raise ValueError(f"capacity_factor={self.moe.capacity_factor} with expert parallelism: the sharded "
                                  "experts are dropless only; set capacity_factor=-1")
-            y_td = moe_ffn_sharded(*args, mesh=self.mesh, strategy=self.moe.expert_parallel)
+            y_td = moe_ffn_sharded(*args, mesh=self.mesh, strategy=self.moe.expert_parallel,
+                                   implementation=self.moe.expert_implementation)
         else:
-            y_td = moe_ffn(*args, capacity_factor=self.moe.capacity_factor)
+            y_td = moe_ffn(*args, capacity_factor=self.moe.capacity_factor,
+                           implementation=self.moe.expert_implementation)
         y_btd = y_td.reshape(b, t, d)
         if tasks is not None and tasks.mode != "token":
             y_btd = self.task_adapter(y_btd, task_ids)

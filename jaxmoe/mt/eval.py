@@ -163,7 +163,7 @@ def _positive_int(value, name: str) -> int:
 def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], str], max_new_tokens: int,
               batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
               cut_at_newline: bool = False, stop: str | None = None, add_special_tokens: bool = True,
-              progress: str | None = None, task_ids=None) -> list[str]:
+              progress: str | None = None, task_ids=None, prune_every: int | None = None) -> list[str]:
     """Greedy (num_beams=1) or beam search translations of `sources`, one stripped str each, in the order given.
 
     Each source becomes `prompt(source)`, encoded with the tokenizer's special tokens (e.g. its BOS). Prompts
@@ -177,6 +177,8 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
     False encodes prompts without the tokenizer's BOS (a chat template writes its own). `progress`: a label for a
     tqdm progress bar over the batches (None: no bar). `task_ids`: for a model with MoE task adapters, the task id
     of every source (an int) or of each (a sequence, one per source); they go to `jaxmoe.generate` with the rows.
+    `prune_every`: batch pruning for greedy decoding (`jaxmoe.generate`'s: rows that reached EOS leave the batch
+    every that many steps; the same translations); ignored with beam search.
     """
     sources = _check_segments(sources, "sources")
     if task_ids is not None:
@@ -237,7 +239,8 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
         tasks = None if task_ids is None else np.asarray([task_ids[i] for i in filled])
         tokens = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      eos_token_id=eos_ids, pad_token_id=pad_id, num_beams=num_beams,
-                                     length_penalty=length_penalty, task_ids=tasks))[:, ids.shape[1]:]
+                                     length_penalty=length_penalty, task_ids=tasks,
+                                     prune_every=prune_every if num_beams == 1 else None))[:, ids.shape[1]:]
         for source_index, row in zip(members, tokens):
             ends = np.flatnonzero(np.isin(row, eos_ids))
             text = tokenizer.decode(row[:ends[0]] if ends.size else row, skip_special_tokens=True).strip()
@@ -249,7 +252,7 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
 
 def translate_file(model, tokenizer, src_path, out_path, *, prompt: Callable[[str], str], max_new_tokens: int,
                    batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
-                   cut_at_newline: bool = False) -> list[str]:
+                   cut_at_newline: bool = False, prune_every: int | None = None) -> list[str]:
     """Translates each line of `src_path` (see `translate`, which takes the decoding settings) and writes one line per source to `out_path`,
     atomically (a temporary file in the same folder, then os.replace). Line breaks inside a translation become
     spaces, so the output stays line-aligned. Returns the translations as written."""
@@ -260,6 +263,6 @@ def translate_file(model, tokenizer, src_path, out_path, *, prompt: Callable[[st
     translations = [re.sub(r"\s*[\r\n]+\s*", " ", text)
                     for text in translate(model, tokenizer, sources, prompt=prompt, max_new_tokens=max_new_tokens,
                                           batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty,
-                                          cut_at_newline=cut_at_newline)]
+                                          cut_at_newline=cut_at_newline, prune_every=prune_every)]
     atomic_write_lines(out_path, translations)
     return translations

@@ -68,7 +68,8 @@ def quantize(model: nnx.Module, *, bits: int, group_size, target: str, symmetric
     (see jaxmoe.quant.plan). Scales are stored in bfloat16.
 
     A model prepared with `apply_qat` must be quantized with the settings it trained with; the result then
-    computes exactly what its QAT forward computed. Raises ValueError for bits outside {8, 4, 3, 2}, a group
+    computes exactly what its QAT forward computed (on the weight-only expert paths; CPU's "decode_int8", the
+    default for a few tokens, also rounds activations, to within about 1e-4: see MoEConfig.expert_implementation). Raises ValueError for bits outside {8, 4, 3, 2}, a group
     size that does not divide a matrix's k, an already quantized model, an unknown target, or a target or rule
     that matches no parameter.
     """

@@ -78,10 +78,15 @@ def group_weight(rhs: jax.Array | QuantizedWeight, i: jax.Array, dtype) -> jax.A
     (codes, scales, zeros) alone is dequantized."""
     if not isinstance(rhs, QuantizedWeight):
         return lax.dynamic_index_in_dim(rhs, i, keepdims=False).astype(dtype)
+    return quantized_group(rhs, i).dequantize(dtype)[0]
+
+
+def quantized_group(rhs: QuantizedWeight, i: jax.Array) -> QuantizedWeight:
+    """Matrix i of a [g, k, n] QuantizedWeight as a QuantizedWeight of shape (1, k, n) (its codes, scales and zero
+    points sliced, still packed)."""
     take = lambda a: None if a is None else lax.dynamic_index_in_dim(a, i)  # noqa: E731
-    one = dataclasses.replace(rhs, codes=take(rhs.codes), scale=take(rhs.scale), zero=take(rhs.zero),
-                              shape=(1,) + tuple(rhs.shape[1:]))
-    return one.dequantize(dtype)[0]
+    return dataclasses.replace(rhs, codes=take(rhs.codes), scale=take(rhs.scale), zero=take(rhs.zero),
+                               shape=(1,) + tuple(rhs.shape[1:]))
 
 
 def write_rows(buffer_mn: jax.Array, start: jax.Array, rows_rn: jax.Array, valid: jax.Array | None) -> jax.Array:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jaxmoe.moe.dispatch import permute, route, unpermute
+from jaxmoe.config import EXPERT_IMPLEMENTATIONS, MoEConfig
 from jaxmoe.moe.experts import IMPLEMENTATIONS, dense_moe_reference, expert_ffn, moe_ffn
 
 D, F, E = 16, 32, 8
@@ -205,7 +206,7 @@ def test_permute_and_unpermute_backward_equal_plain_gather_autodiff_without_scat
     (dict(x=np.ones((2, D + 1), np.float32)), r"\(8, 16, 64\).*\(2, 17\)"),
     (dict(experts=np.ones((3, 2), np.int32)), r"\(2, 16\).*\(2, 2\).*\(3, 2\)"),
     (dict(experts=np.ones((2, 2), np.float32)), "float32"),
-    (dict(implementation="megablox"), r"'megablox'.*\['blocked', 'pallas', 'xla_ragged'\]"),
+    (dict(implementation="megablox"), r"'megablox'.*\['blocked', 'decode', 'decode_int8', 'pallas', 'xla_ragged'\]"),
     (dict(capacity_factor=0.0), r"capacity_factor=0\.0"),
 ])
 def test_bad_inputs_raise_value_errors_that_name_the_values(rng, change, match):
@@ -216,3 +217,9 @@ def test_bad_inputs_raise_value_errors_that_name_the_values(rng, change, match):
     options = {key: args.pop(key) for key in ("implementation", "capacity_factor") if key in args}
     with pytest.raises(ValueError, match=match):
         moe_ffn(args["x"], args["weights"], args["experts"], args["w_gate_up"], args["w_down"], **options)
+
+
+def test_the_config_knows_every_expert_implementation():
+    assert set(EXPERT_IMPLEMENTATIONS) == {"auto", *IMPLEMENTATIONS}
+    with pytest.raises(ValueError, match=r"expert_implementation='megablox'.*'decode_int8'"):
+        MoEConfig(num_experts=4, expert_implementation="megablox")

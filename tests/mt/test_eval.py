@@ -185,6 +185,13 @@ def test_translate_equals_one_sentence_at_a_time_greedy_decoding_in_input_order(
     assert any(stopped) and not all(stopped)  # EOS cuts some rows, others run to max_new_tokens
 
 
+def test_translate_with_batch_pruning_gives_the_same_translations(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(prompt=to_prompt, max_new_tokens=MAX_NEW, batch_size=4)
+    assert (translate(model, tokenizer, SOURCES, prune_every=2, **kwargs)
+            == translate(model, tokenizer, SOURCES, **kwargs))
+
+
 def test_translate_file_writes_one_line_per_source(tiny, tmp_path):
     model, tokenizer = tiny
     src = write_lines(tmp_path / "src.txt", SOURCES)

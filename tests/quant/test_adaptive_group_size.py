@@ -105,7 +105,9 @@ def test_each_expert_gets_its_own_size_so_an_outlier_makes_only_its_expert_finer
     actual = np.asarray(nnx.jit(lambda m, x: m(x).logits)(quantized, ids))
     assert passed_to_ffn == [QuantizedWeight, QuantizedWeight]
     twin = np.asarray(forward(dequantize(quantized), ids))
-    assert np.abs(actual - twin).max() <= 1e-5 * np.abs(twin).max()
+    # 20 tokens x top-2 take CPU's "decode_int8" expert path, whose activations go in as two int8 limbs (about
+    # 16-bit: tests/quant/test_int8_decode.py); the weight-only paths match to 1e-5.
+    assert np.abs(actual - twin).max() <= 2e-4 * np.abs(twin).max()
 
 
 @pytest.mark.parametrize("verdict,expected", [(True, 128), (False, 16)])

@@ -36,7 +36,8 @@ def test_fake_quantize_is_the_numpy_round_trip_with_an_identity_gradient(rng, np
 @pytest.mark.parametrize("preset,target,group_size", [("tiny-moe", "linear", 32), ("tiny", "linear", None)])
 def test_quantizing_the_qat_model_gives_the_logits_its_forward_computed(tiny_model, forward, ids, preset, target,
                                                                         group_size):
-    qat = apply_qat(tiny_model(preset), bits=2, group_size=group_size, target=target)
+    # The weight-only expert path: CPU's default for a few tokens, "decode_int8", also rounds activations.
+    qat = apply_qat(tiny_model(preset, expert_implementation="decode"), bits=2, group_size=group_size, target=target)
     quantized = quantize(qat, bits=2, group_size=group_size, target=target)
     assert quantization_report(quantized)
     assert not any(isinstance(v, FakeQuantParam) for _, v in nnx.iter_graph(quantized))

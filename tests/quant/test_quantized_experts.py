@@ -16,6 +16,8 @@ from jaxmoe.quant import QuantizedLinear, quantized_matmul
 
 D, F, E, T = 32, 48, 4, 40
 RTOL = 1e-5  # fp32 accumulation-order differences, relative to the largest output
+# "decode_int8" rounds the activations to int8 as well (tests/quant/test_int8_decode.py holds it to its bound).
+WEIGHT_ONLY = sorted(set(IMPLEMENTATIONS) - {"decode_int8"})
 
 
 def assert_close(actual, expected, rtol=RTOL):
@@ -37,7 +39,7 @@ def expert_setup(rng, bits, group_size, symmetric):
     return x, weights, experts, packed
 
 
-@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", WEIGHT_ONLY)
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 16, True), (2, None, False), (3, 8, True)])
 def test_moe_ffn_with_quantized_experts_equals_the_dense_reference_on_dequantized_weights(rng, impl, bits,
                                                                                            group_size, symmetric):
