@@ -124,7 +124,9 @@ def _build_parser() -> _Parser:
     tr = commands.add_parser(
         "translate", help="translate a file line by line with a trained model, in batches",
         description="Greedy or beam-search translation of each line of --src with a checkpoint folder (config.json, safetensors, "
-                    "tokenizer.json), using the training prompt format; writes one line per source to --out.")
+                    "tokenizer.json), using the training prompt format; writes one line per source to --out. "
+                    "Resumable: progress is kept in <out>.progress.jsonl, and a rerun of a killed run continues "
+                    "where it stopped.")
     tr.add_argument("--model", type=Path, required=True, help="checkpoint folder (e.g. a run's model/)")
     tr.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
     tr.add_argument("--out", type=Path, required=True, help="output file (written atomically)")
@@ -326,7 +328,8 @@ def _run_translate(args) -> int:
                                   prompt=lambda s: prompt.render(s, args.src_lang, args.tgt_lang),
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                  cut_at_newline=args.cut_at_newline, prune_every=args.prune_every or None)
+                                  cut_at_newline=args.cut_at_newline, prune_every=args.prune_every or None,
+                                  progress="translate")
     print(f"wrote {len(translations)} translations to {args.out}", file=sys.stderr)
     return 0
 

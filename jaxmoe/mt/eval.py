@@ -8,7 +8,12 @@ for the target language (`zh` for Chinese, `ja-mecab` for Japanese, `ko-mecab` f
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -163,7 +168,8 @@ def _positive_int(value, name: str) -> int:
 def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], str], max_new_tokens: int,
               batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
               cut_at_newline: bool = False, stop: str | None = None, add_special_tokens: bool = True,
-              progress: str | None = None, task_ids=None, prune_every: int | None = None) -> list[str]:
+              progress: str | None = None, task_ids=None, prune_every: int | None = None,
+              on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
     """Greedy (num_beams=1) or beam search translations of `sources`, one stripped str each, in the order given.
 
     Each source becomes `prompt(source)`, encoded with the tokenizer's special tokens (e.g. its BOS). Prompts
@@ -178,7 +184,8 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
     tqdm progress bar over the batches (None: no bar). `task_ids`: for a model with MoE task adapters, the task id
     of every source (an int) or of each (a sequence, one per source); they go to `jaxmoe.generate` with the rows.
     `prune_every`: batch pruning for greedy decoding (`jaxmoe.generate`'s: rows that reached EOS leave the batch
-    every that many steps; the same translations); ignored with beam search.
+    every that many steps; the same translations); ignored with beam search. `on_batch(indices, texts)` is called
+    after each batch with the source indices it translated and their outputs (e.g. to save progress).
     """
     sources = _check_segments(sources, "sources")
     if task_ids is not None:
@@ -223,10 +230,12 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
     rows = min(batch_size, len(sources))
     outputs: list[str | None] = [None] * len(sources)
     starts = range(0, len(order), rows)
+    bar = None
     if progress is not None:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+        starts = bar = tqdm(starts, desc=progress, unit="batch", leave=False)
+    began, generated = time.perf_counter(), 0
     for start in starts:
         members = order[start:start + rows]
         filled = members + [members[-1]] * (rows - len(members))
@@ -243,26 +252,88 @@ def translate(model, tokenizer, sources: list[str], *, prompt: Callable[[str], s
                                      prune_every=prune_every if num_beams == 1 else None))[:, ids.shape[1]:]
         for source_index, row in zip(members, tokens):
             ends = np.flatnonzero(np.isin(row, eos_ids))
+            generated += int(ends[0]) + 1 if ends.size else len(row)
             text = tokenizer.decode(row[:ends[0]] if ends.size else row, skip_special_tokens=True).strip()
             if stop is not None:
                 text = text.split(stop, 1)[0].rstrip()
             outputs[source_index] = text.split("\n", 1)[0].rstrip() if cut_at_newline else text
+        if bar is not None:
+            bar.set_postfix_str(f"{generated / (time.perf_counter() - began):.1f} tok/s")
+        if on_batch is not None:
+            on_batch(list(members), [outputs[i] for i in members])
     return outputs
 
 
 def translate_file(model, tokenizer, src_path, out_path, *, prompt: Callable[[str], str], max_new_tokens: int,
                    batch_size: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
-                   cut_at_newline: bool = False, prune_every: int | None = None) -> list[str]:
-    """Translates each line of `src_path` (see `translate`, which takes the decoding settings) and writes one line per source to `out_path`,
-    atomically (a temporary file in the same folder, then os.replace). Line breaks inside a translation become
-    spaces, so the output stays line-aligned. Returns the translations as written."""
+                   cut_at_newline: bool = False, prune_every: int | None = None, progress: str | None = None,
+                   task_ids=None) -> list[str]:
+    """Translates each line of `src_path` (see `translate`, which takes the decoding settings) and writes one line
+    per source to `out_path`, atomically (a temporary file in the same folder, then os.replace). Line breaks inside
+    a translation become spaces, so the output stays line-aligned. Returns the translations as written.
+
+    Resumable: after every batch the finished translations are appended (flushed and synced) to
+    `<out_path>.progress.jsonl`, whose first line records the source file's SHA-256 and the decoding settings. A run
+    that finds that file with the same sources and settings translates only the lines it lacks (a killed run
+    continues where it stopped and writes the same file); with other sources or settings it refuses to mix them.
+    The progress file is removed once `out_path` is written."""
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"output folder {str(out_path.parent)!r} does not exist; create it first")
     sources = read_lines(src_path, what="source file")
-    translations = [re.sub(r"\s*[\r\n]+\s*", " ", text)
-                    for text in translate(model, tokenizer, sources, prompt=prompt, max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty,
-                                          cut_at_newline=cut_at_newline, prune_every=prune_every)]
+    settings = {"sources_sha256": hashlib.sha256(Path(src_path).read_bytes()).hexdigest(),
+                "prompt_of_line_0": prompt(sources[0]), "max_new_tokens": max_new_tokens, "num_beams": num_beams,
+                "length_penalty": length_penalty, "cut_at_newline": cut_at_newline,
+                "task_ids": None if task_ids is None else np.asarray(task_ids).tolist()}
+    progress_path = out_path.with_name(out_path.name + ".progress.jsonl")
+    done = _read_progress(progress_path, settings, len(sources))
+    todo = [i for i in range(len(sources)) if i not in done]
+    if todo:
+        per_source = None if task_ids is None or np.ndim(task_ids) == 0 else list(task_ids)
+        with open(progress_path, "a", encoding="utf-8") as log:
+            if not done:
+                log.write(json.dumps({"settings": settings}) + "\n")
+
+            def save(indices, texts):
+                log.writelines(json.dumps({"i": todo[i], "text": t}, ensure_ascii=False) + "\n"
+                               for i, t in zip(indices, texts))
+                log.flush()
+                os.fsync(log.fileno())
+
+            texts = translate(model, tokenizer, [sources[i] for i in todo], prompt=prompt,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
+                              length_penalty=length_penalty, cut_at_newline=cut_at_newline, prune_every=prune_every,
+                              progress=progress, on_batch=save,
+                              task_ids=task_ids if per_source is None else [per_source[i] for i in todo])
+        done.update(zip(todo, texts))
+    translations = [re.sub(r"\s*[\r\n]+\s*", " ", done[i]) for i in range(len(sources))]
     atomic_write_lines(out_path, translations)
+    progress_path.unlink(missing_ok=True)
     return translations
+
+
+def _read_progress(path: Path, settings: dict, count: int) -> dict[int, str]:
+    """{source index: translation} from a progress file of the same sources and settings ({} when there is none);
+    ValueError when it belongs to another run. A last line cut short by a kill is ignored."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if not lines[0].strip():  # killed before the header reached the disk
+        path.unlink()
+        return {}
+    try:
+        header = json.loads(lines[0])["settings"]
+    except (ValueError, KeyError, TypeError):
+        header = None
+    if header != settings:
+        raise ValueError(f"progress file {str(path)!r} belongs to another run (other sources or decoding settings); "
+                         "delete it to start over, or rerun with the settings it records")
+    done = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # an empty or half-written last line
+        if 0 <= entry["i"] < count:
+            done[int(entry["i"])] = entry["text"]
+    return done

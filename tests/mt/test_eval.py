@@ -18,6 +18,7 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.utils import smart_open
 
 import jaxmoe
+from jaxmoe.mt import eval as eval_module
 from jaxmoe.mt.eval import read_lines, score, score_files, translate, translate_file
 
 ALMA = "/work/shared/data/alma"
@@ -200,6 +201,36 @@ def test_translate_file_writes_one_line_per_source(tiny, tmp_path):
     assert got == translate(model, tokenizer, SOURCES, prompt=to_prompt, max_new_tokens=MAX_NEW, batch_size=3)
     assert out.read_text(encoding="utf-8").split("\n") == [*got, ""]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hyp.txt", "src.txt"]  # no temporary file left
+
+
+def test_a_killed_translate_file_resumes_and_writes_the_same_file(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    src = write_lines(tmp_path / "src.txt", SOURCES)
+    kwargs = dict(prompt=to_prompt, max_new_tokens=MAX_NEW, batch_size=2)
+    expected = translate_file(model, tokenizer, src, tmp_path / "whole.txt", **kwargs)
+    calls, real_generate = [], eval_module.generate
+
+    def dies_on_the_third_batch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill between batches
+        return real_generate(*args, **kw)
+
+    monkeypatch.setattr(eval_module, "generate", dies_on_the_third_batch)
+    out = tmp_path / "hyp.txt"
+    with pytest.raises(KeyboardInterrupt):
+        translate_file(model, tokenizer, src, out, **kwargs)
+    progress = tmp_path / "hyp.txt.progress.jsonl"
+    assert not out.exists() and len(progress.read_text().splitlines()) == 1 + 4  # header + two batches of two
+    calls.clear()
+    calls.extend([1, 1, 1])  # no more deaths
+    assert translate_file(model, tokenizer, src, out, **kwargs) == expected
+    assert len(calls) == 3 + 2  # only the 3 missing sources were translated, in 2 batches
+    assert out.read_text() == (tmp_path / "whole.txt").read_text() and not progress.exists()
+    # A progress file of other settings is not mixed in.
+    progress.write_text(json.dumps({"settings": {"max_new_tokens": 3}}) + "\n")
+    with pytest.raises(ValueError, match="belongs to another run"):
+        translate_file(model, tokenizer, src, out, **kwargs)
 
 
 def test_translate_checks_its_arguments(tiny):
