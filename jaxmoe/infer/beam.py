@@ -171,7 +171,7 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
     # The n beams of a prompt start as copies of its one prefilled row (processed_logits repeats its outputs).
     carry = advance(init_beams(b, n, max_new_tokens, pad_id), prefill,
                     _take_rows(prefill.cache, jnp.repeat(jnp.arange(b), n)))
-    rope = model.config.longrope
+    rope = getattr(model.config, "text", model.config).longrope  # Phi-4-multimodal: .text
     if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
         slot = rope.original_max_position_embeddings
         step_at = slot - t + 1

@@ -88,7 +88,7 @@ def _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, *
     rows: the per-row constants {"n_real": int32 [b] real prompt tokens, "row_ids": int32 [b] each row's index in
     the caller's batch, "mask": int32 [b, t] the prompt mask, "task_ids": int32 [b] or None}. The carry is
     (step, cache, buf int32 [b, t + max_new_tokens], done bool [b]); step s picks new token s."""
-    tasks = {} if rows["task_ids"] is None else {"task_ids": rows["task_ids"]}  # a model without adapters takes none
+    tasks = _row_kwargs(rows)
     hidden = hidden_mode(processor)
     b = rows["n_real"].shape[0]
 
@@ -128,7 +128,7 @@ def _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, *
     def run_until(carry, stop, width):
         """Decodes while step < stop (traced) and a row is running. Like transformers, the step that first runs
         column original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead."""
-        rope = model.config.longrope
+        rope = _text_config(model).longrope
         if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
             slot = rope.original_max_position_embeddings
             step_at = slot - t + 1
@@ -140,19 +140,26 @@ def _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, *
     return advance, run_until
 
 
+def _row_kwargs(rows) -> dict:
+    """The per-row model keywords: task ids (MoE task adapters) and input modes (Phi-4-multimodal's adapters), each
+    only when given (a model without them takes none)."""
+    return {name: rows[name] for name in ("task_ids", "input_mode") if rows.get(name) is not None}
+
+
 def _prefill(model, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor, task_ids_b, *,
-             max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
-    """Runs the prompts into a new cache and picks the first new token -> (carry, rows, run_until)."""
+             max_new_tokens, cache_len, greedy, top_k, use_top_p, stream, prefilled=None, input_mode_b=None):
+    """Runs the prompts into a new cache (or takes `prefilled`, the output of that call made outside jit with
+    images or audio) and picks the first new token -> (carry, rows, run_until)."""
     b, t = ids_bt.shape
     rows = {"n_real": jnp.sum(mask_bt, axis=1, dtype=jnp.int32), "row_ids": jnp.arange(b, dtype=jnp.int32),
-            "mask": mask_bt, "task_ids": task_ids_b}
+            "mask": mask_bt, "task_ids": task_ids_b, "input_mode": input_mode_b}
     advance, run_until = _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, t=t,
                                   greedy=greedy, top_k=top_k, use_top_p=use_top_p, stream=stream)
-    tasks = {} if task_ids_b is None else {"task_ids": task_ids_b}
     buf_bw = jnp.full((b, t + max_new_tokens), pad_id, jnp.int32).at[:, :t].set(ids_bt)
-    prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
-                    return_hidden=hidden_mode(processor), **tasks)
-    carry = advance(0, prefill, prefill.cache, buf_bw, jnp.zeros((b,), bool))
+    if prefilled is None:
+        prefilled = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
+                          return_hidden=hidden_mode(processor), **_row_kwargs(rows))
+    carry = advance(0, prefilled, prefilled.cache, buf_bw, jnp.zeros((b,), bool))
     return carry, rows, run_until
 
 
@@ -161,13 +168,16 @@ _STATIC = ("graphdef", "max_new_tokens", "cache_len", "greedy", "top_k", "use_to
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
-                       task_ids_b, *, max_new_tokens, cache_len, greedy, top_k, use_top_p, stream):
-    """The pure decode program (`processor`: None or a pytree logits processor; `task_ids_b`: None or int32 [b]).
-    Returns tokens int32 [b, t + max_new_tokens]."""
+                       task_ids_b, prefilled=None, input_mode_b=None, *, max_new_tokens, cache_len, greedy, top_k,
+                       use_top_p, stream):
+    """The pure decode program (`processor`: None or a pytree logits processor; `task_ids_b`: None or int32 [b];
+    `prefilled`: None, or the prompts' forward output with its cache when images or audio made it run outside jit;
+    `input_mode_b`: None or each row's Phi-4-multimodal InputMode). Returns tokens int32 [b, t + max_new_tokens]."""
     model = nnx.merge(graphdef, state)
     carry, _, run_until = _prefill(model, ids_bt, mask_bt, key, temperature, top_p, eos_ids, pad_id, processor,
                                    task_ids_b, max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=greedy,
-                                   top_k=top_k, use_top_p=use_top_p, stream=stream)
+                                   top_k=top_k, use_top_p=use_top_p, stream=stream, prefilled=prefilled,
+                                   input_mode_b=input_mode_b)
     return run_until(carry, max_new_tokens, carry[2].shape[1])[2]
 
 
@@ -250,6 +260,44 @@ def _collect(result, buf_bw: np.ndarray, origin: np.ndarray, real: np.ndarray) -
     return result
 
 
+def _text_config(model):
+    """The language model's ModelConfig (Phi-4-multimodal's config holds it as `.text`)."""
+    return getattr(model.config, "text", model.config)
+
+
+IMAGE_KEYS = ("image_pixel_values", "image_sizes", "image_attention_mask")
+AUDIO_KEYS = ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
+
+
+def _media_inputs(model, ids, images, audio, *, num_beams, prune_every, width) -> dict:
+    """The model keywords of `images` and `audio` (the processor's dicts; other keys such as num_img_tokens are
+    dropped), checked: a model with the encoder, known keys, no beam search or pruning, no LongRoPE recompute."""
+    if images is None and audio is None:
+        return {}
+    out = {}
+    for what, given, keys, encoder in (("images", images, IMAGE_KEYS, "image_embed"),
+                                       ("audio", audio, AUDIO_KEYS, "audio_embed")):
+        if given is None:
+            continue
+        if not hasattr(model, encoder):
+            raise ValueError(f"{what}= given to a {type(model).__name__}, which has no {what} encoder; pass "
+                             f"{what} to a Phi4MultimodalForCausalLM (text-only models take input_ids alone)")
+        if not isinstance(given, dict) or keys[0] not in given:
+            raise ValueError(f"{what}= must be the processor's output dict with {keys[0]!r} (keys {list(keys)}); got "
+                             f"{type(given).__name__}{'' if not isinstance(given, dict) else ' with ' + str(list(given))}")
+        out.update({key: given[key] for key in keys if given.get(key) is not None})
+    if num_beams > 1 or prune_every is not None:
+        raise ValueError("images / audio with num_beams > 1 or prune_every: multimodal generation is greedy or "
+                         "sampled over the whole batch for now; pass num_beams=1 and prune_every=None")
+    rope = _text_config(model).longrope
+    t = ids.shape[1]
+    if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
+        raise ValueError(f"a prompt of {t} tokens plus the new ones crosses LongRoPE's switch at "
+                         f"{rope.original_max_position_embeddings} positions, where generation recomputes the cache "
+                         "from the token ids alone (the images and audio would be lost); generate fewer tokens")
+    return out
+
+
 def _checked_mask(attention_mask, shape) -> np.ndarray:
     """The attention mask as int32 [b, t], or ValueError unless it is 0/1, left-padded, with a token per row."""
     mask = np.asarray(attention_mask)
@@ -278,7 +326,8 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
              stream_callback: Callable[[int, np.ndarray], None] | None = None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False,
              num_return_sequences: int = 1, logits_processor: LogitsProcessor | None = None,
-             task_ids=None, prune_every: int | None = None) -> jax.Array:
+             task_ids=None, prune_every: int | None = None, images: dict | None = None,
+             audio: dict | None = None) -> jax.Array:
     """Batched generation with a KV cache. input_ids int [b, t] -> int32 [b * num_return_sequences,
     t + max_new_tokens].
 
@@ -291,6 +340,13 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     size (default t + max_new_tokens). `stream_callback(step, tokens int32 [b])` is called for every
     generated step, in order, from inside the compiled loop. Row r's draws use the key fold_in(fold_in(key, step),
     r): they do not depend on the other rows.
+
+    `images` / `audio` (Phi-4-multimodal): the processor's outputs, `Phi4MMProcessor.images(...)` (image_pixel_values,
+    image_sizes, image_attention_mask) and `.audio(...)` (audio_input_features, audio_embed_sizes and, for several
+    clips, audio_attention_mask), for the placeholders in input_ids. The prompts then run through the model outside
+    jit (their token counts must be concrete), and every decode step keeps each row's InputMode from its prompt, so
+    a row generates with the LoRA adapter its media chose, as the model's forward does. Greedy or sampled (not beam
+    search or batch pruning yet).
 
     `prune_every=k` (batch pruning, "Who Says Elephants Can't Run"): the decode loop runs k steps at a time and
     between runs the rows that are still going move into the smallest power-of-two batch that holds them, so
@@ -324,7 +380,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     exactly then); a row generates as it would alone with its task id. Beam search gives every beam of prompt i
     its task id. A model trained with data.tasks has its ids in tasks.json beside it (`jaxmoe.train.tasks.TaskMap`).
     """
-    config = model.config
+    config = _text_config(model)
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] == 0:
         raise ValueError(f"input_ids has dtype {ids.dtype} and shape {ids.shape}; expected integer token ids "
@@ -363,6 +419,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     if num_beams > 1 and stream_callback is not None:
         raise ValueError(f"stream_callback with num_beams={num_beams}; beam search cannot stream (a step's running "
                          "beams are not the final tokens): pass num_beams=1 to stream")
+    media = _media_inputs(model, ids, images, audio, num_beams=num_beams, prune_every=prune_every, width=width)
     mask = np.ones((b, t), np.int32) if attention_mask is None else _checked_mask(attention_mask, (b, t))
     moe = getattr(config, "moe", None)
     task_ids = check_task_ids(task_ids, None if moe is None else moe.task_adapters, b)
@@ -385,6 +442,11 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
 
     greedy = temperature == 0
     key = jax.random.key(0) if greedy else (rngs if rngs is not None else nnx.Rngs(0))()
+    prefilled = input_mode = None
+    if media:
+        input_mode = model.input_modes(ids)
+        prefilled = model(ids, attention_mask=mask, cache=model.init_cache(b, cache_len), logits_to_keep=1,
+                          return_hidden=hidden_mode(processor), **media)
     graphdef, state = nnx.split(model)
     args = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key, jnp.float32(temperature),
             jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos), jnp.int32(pad_token_id), processor,
@@ -394,8 +456,8 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     if prune_every is not None:
         return _generate_pruned(graphdef, state, args, prune_every=prune_every, max_new_tokens=int(max_new_tokens),
                                 longrope=config.longrope is not None, **static)
-    run = functools.partial(_generate_compiled, graphdef, state, *args, max_new_tokens=int(max_new_tokens),
-                            **static)
+    run = functools.partial(_generate_compiled, graphdef, state, *args, prefilled, input_mode,
+                            max_new_tokens=int(max_new_tokens), **static)
     if stream_callback is None:
         return run()
     with _stream_lock:

@@ -238,3 +238,68 @@ def test_placeholder_ids_live_in_the_encoder_configs_and_reach_transformers_ther
     with pytest.raises(ValueError, match=rf"audio.audio_token_id={vocab}; expected a token id in \[0, "
                                          rf"text.vocab_size={vocab}\)"):
         CONFIG.replace(audio=dataclasses.replace(CONFIG.audio, audio_token_id=vocab))
+
+
+def _hf_generate(reference, ids, new, **inputs):
+    with torch.no_grad():
+        return reference[0].generate(torch.tensor(ids), **{k: torch.tensor(v) for k, v in inputs.items()},
+                                     do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                                     pad_token_id=0).numpy()
+
+
+MEDIA_CASES = {
+    "image": lambda: (_with_placeholders(IMAGE, IMAGE_TOKENS, length=40),
+                      dict(images=dict(image_pixel_values=PIXELS, image_sizes=IMAGE_SIZES,
+                                       image_attention_mask=IMAGE_MASK))),
+    "audio": lambda: (_with_placeholders(AUDIO, int(AUDIO_SIZES[0])),
+                      dict(audio=dict(audio_input_features=FEATURES, audio_embed_sizes=AUDIO_SIZES,
+                                      audio_attention_mask=AUDIO_MASK))),
+}
+
+
+@pytest.mark.parametrize("case", list(MEDIA_CASES))
+def test_greedy_generation_with_media_equals_transformers_generate(model, reference, case):
+    ids, media = MEDIA_CASES[case]()
+    flat = {k: v for inputs in media.values() for k, v in inputs.items()}
+    expected = _hf_generate(reference, ids, 8, **flat)
+    got = np.asarray(jaxmoe.generate(model, ids, max_new_tokens=8, eos_token_id=(), **media))
+    np.testing.assert_array_equal(got, expected)
+    # The media matter: the same placeholders with other features generate other tokens.
+    other = {what: {k: (-v if k in ("image_pixel_values", "audio_input_features") else v) for k, v in inputs.items()}
+             for what, inputs in media.items()}
+    assert not (np.asarray(jaxmoe.generate(model, ids, max_new_tokens=8, eos_token_id=(), **other)) == got).all()
+
+
+def test_each_row_generates_with_the_adapter_its_prompt_chose(reference):
+    """A batch of an image row and a text row on a model with "vision" and "speech" adapters: every generated token
+    is the argmax of the forward over the prompt plus the tokens before it (which picks each row's adapter from its
+    placeholders), so the decode steps kept the image row's adapter; without it that row would decode otherwise."""
+    from jaxmoe.nn.lora import LoRAConfig
+    from jaxmoe.nn.multi_lora import add_adapter
+
+    model = jaxmoe.load_hf(reference[1])
+    for i, name in enumerate(("vision", "speech")):
+        add_adapter(model, name, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(i))
+    rng = np.random.default_rng(3)
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.LoRAParam) and "lora_b" in str(path[-1]):
+            variable[...] = rng.normal(0.0, 0.3, variable.get_value().shape).astype(np.float32)
+    ids = np.concatenate([_with_placeholders(IMAGE, IMAGE_TOKENS, length=40), RNG.integers(3, IMAGE, (1, 40))])
+    images = dict(image_pixel_values=PIXELS, image_sizes=IMAGE_SIZES, image_attention_mask=IMAGE_MASK)
+    new = 6
+    tokens = np.asarray(jaxmoe.generate(model, ids, max_new_tokens=new, eos_token_id=(), images=images))
+    logits = np.asarray(model(tokens[:, :-1], **images).logits)[:, ids.shape[1] - 1:]
+    np.testing.assert_array_equal(logits.argmax(-1), tokens[:, ids.shape[1]:])
+    plain = np.asarray(model(tokens[:, :-1], input_mode=InputMode.LANGUAGE, **images).logits)[:, ids.shape[1] - 1:]
+    assert not (plain[0].argmax(-1) == tokens[0, ids.shape[1]:]).all()
+
+
+def test_media_for_a_text_model_or_with_beams_are_refused(model, tiny_model):
+    ids = _with_placeholders(AUDIO, int(AUDIO_SIZES[0]))
+    audio = dict(audio_input_features=FEATURES, audio_embed_sizes=AUDIO_SIZES, audio_attention_mask=AUDIO_MASK)
+    with pytest.raises(ValueError, match="images= given to a Phi3ForCausalLM, which has no images encoder"):
+        jaxmoe.generate(tiny_model("tiny"), np.ones((1, 4), np.int32), max_new_tokens=2, images={})
+    with pytest.raises(ValueError, match="num_beams > 1 or prune_every"):
+        jaxmoe.generate(model, ids, max_new_tokens=2, audio=audio, num_beams=2)
+    with pytest.raises(ValueError, match="processor's output dict with 'audio_input_features'"):
+        jaxmoe.generate(model, ids, max_new_tokens=2, audio=FEATURES)
