@@ -108,7 +108,7 @@ class MoEConfig:
     `capacity_factor` < 0 means dropless (every token reaches its experts); > 0 keeps at most
     ceil(tokens * top_k / num_experts * capacity_factor) token copies per expert, in token order.
     `expert_parallel`: how tokens reach the experts' devices under a mesh with an `expert` axis ("auto",
-    "all_gather" or "all_to_all"; see `jaxmoe.moe.parallel`).
+    "all_gather", "all_to_all" or, on GPU / TPU, "ragged_all_to_all"; see `jaxmoe.moe.parallel`).
     `task_adapters`: task information at one of three granularities (`TaskAdapterConfig`; a dict of its fields,
     as config files and checkpoints carry it, is converted); None: the plain, task-agnostic MoE.
     `expert_implementation`: how the experts compute (`jaxmoe.moe.experts.IMPLEMENTATIONS`); "auto" takes, on CPU,
@@ -141,9 +141,9 @@ class MoEConfig:
         if not (self.task_adapters is None or isinstance(self.task_adapters, TaskAdapterConfig)):
             raise ValueError(f"invalid MoEConfig: task_adapters={self.task_adapters!r}; expected a "
                              "TaskAdapterConfig, a dict of its fields, or None")
-        if self.expert_parallel not in ("auto", "all_gather", "all_to_all"):
+        if self.expert_parallel not in ("auto", "all_gather", "all_to_all", "ragged_all_to_all"):
             raise ValueError(f"invalid MoEConfig: expert_parallel={self.expert_parallel!r}; expected 'auto', "
-                             "'all_gather' or 'all_to_all'")
+                             "'all_gather', 'all_to_all' or 'ragged_all_to_all'")
         if self.expert_implementation not in EXPERT_IMPLEMENTATIONS:
             raise ValueError(f"invalid MoEConfig: expert_implementation={self.expert_implementation!r}; expected one "
                              f"of {list(EXPERT_IMPLEMENTATIONS)}")

@@ -13,6 +13,8 @@ Cases:
   decode        tokens 16, 64, 256 (32, 128, 512 rows), gate_up [16, 4096, 12800]: pallas_gpu gmm over int8, int4
                 and int2 weights (group 128) and bf16, against bf16 lax.ragged_dot; time and GB/s of the weight
                 bytes of the experts that have rows (what any implementation must read)
+  ragged_all_to_all  jaxmoe's expert-parallel exchange with lax.ragged_all_to_all against all_gather on a mesh of
+                the local devices: equal outputs, time each (one device: the primitive runs, the time is a copy)
   summary       int4 gmm vs bf16 ragged_dot speedup per decode size (target >= 2.5x) and bf16 gmm vs dense at
                 prefill (target >= 60%)
 Lines with "sweep": true are single Tiling candidates; the case line reports the best.
@@ -235,6 +237,38 @@ def bench_decode(b: Bench, tokens: int, w, quantized: dict) -> dict:
     return times
 
 
+def bench_ragged_exchange(b: Bench, *, smoke: bool) -> dict | None:
+    """jaxmoe's expert-parallel "ragged_all_to_all" strategy against "all_gather" on a mesh of every local device
+    (expert axis; 2048 tokens, d 1024, 16 experts of f 2048, bf16): same outputs, time each. With one device the
+    exchange is a copy, so this only shows the primitive runs; the timing means something from 2 devices up. XLA:CPU
+    has no kernel for it, so --smoke skips the case."""
+    from jaxmoe.moe.parallel import moe_ffn_sharded
+
+    if smoke:
+        return b.emit(case="ragged_all_to_all", skipped="XLA:CPU does not run lax.ragged_all_to_all")
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    t, d, e, f = 2048, 1024, 16, 2048
+    keys = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(keys[0], (t, d), BF16)
+    logits = jax.random.normal(keys[1], (t, e))
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits), 2)
+    w_gate_up = (jax.random.normal(keys[2], (e, d, 2 * f)) / math.sqrt(d)).astype(BF16)
+    w_down = (jax.random.normal(keys[3], (e, f, d)) / math.sqrt(f)).astype(BF16)
+    fns = {s: jax.jit(functools.partial(moe_ffn_sharded, mesh=mesh, strategy=s))
+           for s in ("all_gather", "ragged_all_to_all")}
+    args = (x, weights, experts.astype(jnp.int32), w_gate_up, w_down)
+    try:
+        want = fns["all_gather"](*args)
+        err = b.check("ragged_all_to_all vs all_gather", fns["ragged_all_to_all"](*args), want)
+        times = {s: b.time(fn, *args) * 1e3 for s, fn in fns.items()}
+    except Exception as exc:  # noqa: BLE001 - reported, and counted as a failure
+        b.failures.append(f"ragged_all_to_all: {type(exc).__name__}: {str(exc)[:300]}")
+        return b.emit(case="ragged_all_to_all", error=b.failures[-1])
+    return b.emit(case="ragged_all_to_all", devices=len(devices), max_rel_err=err,
+                  **{f"{s}_ms": round(ms, 3) for s, ms in times.items()})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the JSON lines to this file")
@@ -259,6 +293,8 @@ def main() -> int:
     quantize = jax.jit(quantize_weight, static_argnames=("bits", "group_size"))
     quantized = {bits: quantize(w, bits=bits, group_size=cfg.quant_group) for bits in cfg.quant_bits}
     decode = {tokens: bench_decode(b, tokens, w, quantized) for tokens in cfg.decode_tokens}
+
+    bench_ragged_exchange(b, smoke=args.smoke)
 
     int4_speedup = {t: d["ragged_dot_bf16"] / d["pallas_gpu_int4"] for t, d in decode.items() if "pallas_gpu_int4" in d}
     pct_dense = {p["case"]: p["pct_of_dense"] for p in prefill if p is not None}

@@ -12,9 +12,15 @@ Weights replicated over the token axes (FSDP) are all-gathered by the shard_map 
                 buffers sized for the worst case (every local copy bound for one shard), compute the local
                 experts, exchange back and combine. Offsets come from `all_to_all_params`.
 
-`lax.ragged_all_to_all`, the exchange without the worst-case padding, does not run on XLA:CPU and is not
-implemented here; `resolve_strategy` is where it would be chosen. Every strategy computes exactly the maths of
-`moe_ffn` with capacity_factor < 0, and is tested against it on eight fake CPU devices.
+  "ragged_all_to_all"  the same exchange with `lax.ragged_all_to_all`: each shard sends exactly its rows for each
+                other shard (offsets from `all_to_all_params`), receives them packed sender after sender, runs its
+                experts on them and sends the results back the same way. For GPU / TPU: XLA:CPU does not run
+                the primitive. Here the tests run the strategy's arithmetic with `ragged_exchange` replaced by an
+                all_gather emulation of the primitive's documented semantics, and check that the real primitive
+                is what the program lowers to; experiments/bench/kernels_gpu.py compares it on a GPU.
+
+Every strategy computes exactly the maths of `moe_ffn` with capacity_factor < 0, and is tested against it on
+eight fake CPU devices.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from jax.sharding import PartitionSpec as P
 from jaxmoe.moe.dispatch import permute, route, unpermute
 from jaxmoe.moe.experts import check_moe_ffn_inputs, expert_ffn
 
-STRATEGIES = ("all_gather", "all_to_all")
+STRATEGIES = ("all_gather", "all_to_all", "ragged_all_to_all")
+# The exchange the "ragged_all_to_all" strategy calls (the tests swap in an emulation to run it on CPU).
+ragged_exchange = lax.ragged_all_to_all
 
 
 def all_to_all_params(sizes_ee, shard):
@@ -58,7 +66,7 @@ def all_to_all_params(sizes_ee, shard):
 
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
     """"auto" -> "all_gather" on every backend for now: "all_to_all" pads each exchange to the worst case, and
-    `ragged_all_to_all` (the better choice on GPU/TPU) is not implemented. Other names are checked."""
+    "ragged_all_to_all" (meant for GPU / TPU) has not been timed on one yet. Other names are checked."""
     if strategy == "auto":
         return "all_gather"
     if strategy not in STRATEGIES:
@@ -107,14 +115,15 @@ def moe_ffn_sharded(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Arra
     if t % token_shards:
         raise ValueError(f"{t} tokens do not divide over token axes {token_axes} of total size {token_shards}; "
                          f"pad the tokens to a multiple of {token_shards}")
-    if strategy == "all_to_all" and ep_axis is not None and ep_axis not in token_axes:
-        raise ValueError(f"strategy='all_to_all' needs the tokens split over expert axis {ep_axis!r}, but "
+    if strategy != "all_gather" and ep_axis is not None and ep_axis not in token_axes:
+        raise ValueError(f"strategy={strategy!r} needs the tokens split over expert axis {ep_axis!r}, but "
                          f"token_axes are {token_axes}; use strategy='all_gather' for tokens replicated over it")
 
     token_spec = P(token_axes or None)
     # [e, d, 2f] -> [e, d, 2, f] so that the gate and up halves split over the tensor axis alike.
     w_gate_up_ed2f = w_gate_up.reshape(e, d, 2, f)
-    body = _all_gather_body if strategy == "all_gather" else _all_to_all_body
+    body = {"all_gather": _all_gather_body, "all_to_all": _all_to_all_body,
+            "ragged_all_to_all": _ragged_all_to_all_body}[strategy]
 
     def local(x, w, ids, wgu_ed2f, wd):
         e_l, _, _, f_l = wgu_ed2f.shape
@@ -196,4 +205,40 @@ def _all_to_all_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, *, ep_axis
     # Sorted copy r went to shard j_r at row r - input_offsets[j_r] of that chunk.
     dest_m = jnp.searchsorted(jnp.cumsum(send_sizes), row_m, side="right")
     out_md = back[dest_m, row_m - input_offsets[dest_m]]
+    return unpermute(out_md, weights_tk, dispatch)
+
+
+def _ragged_all_to_all_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, *, ep_axis, ep, tokens_split_over_ep,
+                            implementation):
+    del tokens_split_over_ep  # checked by the caller: always True when ep_axis is set
+    e_l = w_gate_up.shape[0]
+    e = e_l * ep
+    dispatch = route(experts_tk, e)
+    x_md = permute(x_td, dispatch)  # sorted by global expert, hence by destination shard
+    m, d = x_md.shape
+    if ep_axis is None:
+        out_md = expert_ffn(x_md, w_gate_up, w_down, dispatch.group_sizes_e, implementation=implementation)
+        return unpermute(out_md, weights_tk, dispatch)
+    shard = lax.axis_index(ep_axis)
+    counts_pe = lax.all_gather(dispatch.group_sizes_e, ep_axis)  # [sender, global expert]
+    sizes_ee = counts_pe.reshape(ep, ep, e_l).sum(-1)  # [sender, receiver]
+    input_offsets, send_sizes, output_offsets, recv_sizes = all_to_all_params(sizes_ee, shard)
+    # Received: sender i's rows for this shard at [recv_starts[i], + recv_sizes[i]), senders in order; at most
+    # ep * m rows (every shard sending all its copies here).
+    recv = ragged_exchange(x_md, jnp.zeros((ep * m, d), x_md.dtype), input_offsets, send_sizes, output_offsets,
+                           recv_sizes, axis_name=ep_axis)
+    row_r = jnp.arange(ep * m)
+    recv_ends = jnp.cumsum(recv_sizes)
+    sender_r = jnp.minimum(jnp.searchsorted(recv_ends, row_r, side="right"), ep - 1)
+    within_r = row_r - (recv_ends - recv_sizes)[sender_r]
+    # A sender's chunk is sorted by expert: local expert j holds counts_pe[i, shard * e_l + j] of its rows.
+    local_counts_pe = lax.dynamic_slice_in_dim(counts_pe, shard * e_l, e_l, axis=1)
+    local_r = jax.vmap(lambda ends, row: jnp.searchsorted(ends, row, side="right"))(
+        jnp.cumsum(local_counts_pe, axis=1)[sender_r], within_r)
+    local_r = jnp.where(row_r < recv_ends[-1], local_r, e_l)  # rows past what arrived: the dummy group
+    out = _local_expert_outputs(recv, local_r, w_gate_up, w_down, implementation).astype(x_md.dtype)
+    # Back the same way: chunk i returns to sender i, at the offset where that sender's chunk for this shard began.
+    back_offsets = (jnp.cumsum(sizes_ee, axis=1) - sizes_ee)[:, shard]
+    out_md = ragged_exchange(out, jnp.zeros_like(x_md), recv_ends - recv_sizes, recv_sizes, back_offsets,
+                             send_sizes, axis_name=ep_axis)
     return unpermute(out_md, weights_tk, dispatch)

@@ -1,6 +1,8 @@
 """moe_ffn_sharded on eight fake CPU devices against the single-device moe_ffn (outputs and gradients), for each
 strategy and several meshes; the all-to-all offset helper against a hand-worked case and a simulated exchange;
-input errors."""
+input errors. XLA:CPU has no kernel for `lax.ragged_all_to_all`: the "ragged_all_to_all" strategy runs here with the
+exchange emulated from all_gathers by the primitive's documented semantics, and a separate test checks that the
+real primitive is what the strategy lowers to."""
 
 import functools
 import re
@@ -9,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
+from jaxmoe.moe import parallel
 from jaxmoe.moe.experts import moe_ffn
 from jaxmoe.moe.parallel import STRATEGIES, all_to_all_params, moe_ffn_sharded, resolve_strategy
 
@@ -19,6 +23,37 @@ MESHES = {  # name -> (shape, axis names) over the 8 fake devices
     "data2_expert4": ((2, 4), ("data", "expert")),
     "fsdp2_expert2_tensor2": ((2, 2, 2), ("fsdp", "expert", "tensor")),
 }
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+    """`lax.ragged_all_to_all` by its documented semantics, from all_gathers: sender i's rows
+    [input_offsets[j], + send_sizes[j]) land in receiver j's output at [output_offsets[j], + send_sizes[j]) (the
+    offsets are the sender's); the rest of each output is kept. recv_sizes must be the column of send sizes."""
+    rows_in = lax.all_gather(operand, axis_name)  # [sender, m, d]
+    starts_in, sizes, starts_out = (lax.all_gather(a, axis_name) for a in (input_offsets, send_sizes, output_offsets))
+    me = lax.axis_index(axis_name)
+    row = jnp.arange(output.shape[0])
+    lo = starts_out[:, me][:, None]
+    inside = (row >= lo) & (row < lo + sizes[:, me][:, None])  # [sender, output row]
+    sender = jnp.argmax(inside, axis=0)
+    source = jnp.clip(starts_in[sender, me] + row - starts_out[sender, me], 0, operand.shape[0] - 1)
+    received = jnp.where(inside.any(axis=0)[:, None], rows_in[sender, source], output)
+    consistent = jnp.all(recv_sizes == sizes[:, me])
+    return jnp.where(consistent, received, jnp.nan)  # a wrong recv_sizes shows as NaN outputs
+
+
+@pytest.fixture(autouse=True)
+def ragged_exchange_on_cpu(monkeypatch):
+    monkeypatch.setattr(parallel, "ragged_exchange", emulated_ragged_all_to_all)
+
+
+def test_the_ragged_strategy_lowers_to_the_ragged_all_to_all_primitive(rng, monkeypatch):
+    monkeypatch.setattr(parallel, "ragged_exchange", lax.ragged_all_to_all)
+    x, weights, experts, w_gate_up, w_down, _ = make_inputs(rng)
+    ffn = jax.jit(functools.partial(moe_ffn_sharded, mesh=make_mesh("data2_expert4"), strategy="ragged_all_to_all"))
+    text = ffn.lower(x, weights, experts, w_gate_up, w_down).as_text()
+    assert text.count("ragged_all_to_all") >= 2  # there and back
 
 
 def make_mesh(name, axis_type=jax.sharding.AxisType.Auto):
