@@ -48,6 +48,9 @@ from jaxmoe.moe.dispatch import permute, route, unpermute
 TILE_ROWS = (512, 256, 128, 64)
 # "auto" takes the "decode" paths on CPU for buffers of at most this many token copies (batch x top_k at decode).
 DECODE_MAX_ROWS = 64
+# The "decode" paths multiply an active expert's rows in tiles of this many (the last one shifted back inside the
+# buffer, masked): at decode most experts hold one or two copies.
+DECODE_TILE_ROWS = 2
 
 
 def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gate_up: jax.Array,
@@ -243,19 +246,26 @@ def _decode_matmul(x_mk: jax.Array, w, e: jax.Array, integer: bool) -> jax.Array
     return _matmul(x_mk, group_weight(w, e, x_mk.dtype), ((1,), (0,)))
 
 
-def _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer: bool):
+def _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer: bool, tile_rows: int | None = None):
     m = x_md.shape[0]
+    rows = min(DECODE_TILE_ROWS if tile_rows is None else tile_rows, m)
     ends_e = jnp.cumsum(group_sizes_e)
     starts_e = ends_e - group_sizes_e
     experts, count = _active_experts(group_sizes_e)
-    rows_m = jnp.arange(m, dtype=jnp.int32)
 
     def expert(i, out_md):
         e = experts[i]
-        h = _decode_matmul(x_md, w_gate_up, e, integer).astype(x_md.dtype)
-        y = _decode_matmul(_swiglu(h), w_down, e, integer)
-        mine = (rows_m >= starts_e[e]) & (rows_m < ends_e[e])
-        return jnp.where(mine[:, None], y.astype(out_md.dtype), out_md)
+        start, end = starts_e[e], ends_e[e]
+
+        def tile(j, out_md):  # rows [first, first + rows) of the buffer, kept where they are expert e's
+            first = jnp.minimum(start + j * rows, m - rows)
+            x = lax.dynamic_slice_in_dim(x_md, first, rows)
+            h = _decode_matmul(x, w_gate_up, e, integer).astype(x_md.dtype)
+            y = _decode_matmul(_swiglu(h), w_down, e, integer)
+            row = first + jnp.arange(rows)
+            return write_rows(out_md, first, y, (row >= start + j * rows) & (row < end))
+
+        return lax.fori_loop(0, (end - start + rows - 1) // rows, tile, out_md)
 
     return lax.fori_loop(0, count, expert, jnp.zeros_like(x_md))
 
