@@ -2,8 +2,9 @@
 
 Greedy decoding with ALMA's prompt, batches of --batch-size rows sorted by length, the same call with
 `prune_every=None` (every row stays in the batch until the longest one ends) and with each --prune-every value.
-One warm-up pass over the first two batches compiles every shape first. Reports sentences/s and generated tokens/s
-(tokens up to each row's EOS) per setting and whether the outputs are identical. The sides alternate per repeat.
+One untimed pass of each setting first compiles every shape (prompt widths, pruned batch sizes). Reports
+sentences/s and generated tokens/s (tokens up to each row's EOS) per setting and whether the outputs are
+identical. The settings alternate within each repeat.
 
     python experiments/bench/translate.py --model runs/taskmoe-static/model \
         --src ../shared/data/gpt-mt/wmt-testset/deen/test.de-en.de --src-lang de --tgt-lang en --limit 2000
@@ -51,9 +52,8 @@ def main() -> None:
                          prune_every=prune_every)
 
     settings = [None, *args.prune_every]
-    warm = sorted(sources, key=len)
-    for setting in settings:  # compile the shapes of the shortest and longest batches
-        run(setting, warm[:args.batch_size] + warm[-args.batch_size:])
+    for setting in settings:  # one untimed pass compiles every shape (prompt widths, pruned batch sizes)
+        run(setting)
     times = {s: [] for s in settings}
     outputs = {}
     for _ in range(args.repeats):
