@@ -171,20 +171,30 @@ def _all_gather_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, *, ep_axis
     return lax.psum(y_td, ep_axis) if ep_axis is not None else y_td
 
 
+def _sorted_copies(x_td, experts_tk, num_experts):
+    """The exchanges' start: (Dispatch, the token copies [t·k, d] sorted by global expert, hence by destination
+    shard)."""
+    dispatch = route(experts_tk, num_experts)
+    return dispatch, permute(x_td, dispatch)
+
+
+def _exchange_sizes(dispatch, ep_axis, ep, e_l):
+    """-> (this shard's index, counts [sender, global expert], sizes [sender, receiver]) over the expert axis."""
+    shard = lax.axis_index(ep_axis)
+    counts_pe = lax.all_gather(dispatch.group_sizes_e, ep_axis)
+    return shard, counts_pe, counts_pe.reshape(ep, ep, e_l).sum(-1)
+
+
 def _all_to_all_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, *, ep_axis, ep, tokens_split_over_ep,
                      implementation):
     del tokens_split_over_ep  # checked by the caller: always True when ep_axis is set
     e_l = w_gate_up.shape[0]
-    e = e_l * ep
-    dispatch = route(experts_tk, e)
-    x_md = permute(x_td, dispatch)  # sorted by global expert, hence by destination shard
+    dispatch, x_md = _sorted_copies(x_td, experts_tk, e_l * ep)
     m = x_md.shape[0]
     if ep_axis is None:
         out_md = expert_ffn(x_md, w_gate_up, w_down, dispatch.group_sizes_e, implementation=implementation)
         return unpermute(out_md, weights_tk, dispatch)
-    shard = lax.axis_index(ep_axis)
-    counts_pe = lax.all_gather(dispatch.group_sizes_e, ep_axis)  # [sender, global expert]
-    sizes_ee = counts_pe.reshape(ep, ep, e_l).sum(-1)  # [sender, receiver]
+    shard, counts_pe, sizes_ee = _exchange_sizes(dispatch, ep_axis, ep, e_l)
     input_offsets, send_sizes, _, recv_sizes = all_to_all_params(sizes_ee, shard)
 
     # Send buffer [ep, m, d]: slot j holds the chunk for shard j at its start; m rows fit the worst case.
@@ -210,18 +220,13 @@ def _all_to_all_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, *, ep_axis
 
 def _ragged_all_to_all_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, *, ep_axis, ep, tokens_split_over_ep,
                             implementation):
-    del tokens_split_over_ep  # checked by the caller: always True when ep_axis is set
+    if ep_axis is None:  # one expert shard: nothing to exchange
+        return _all_to_all_body(x_td, weights_tk, experts_tk, w_gate_up, w_down, ep_axis=None, ep=ep,
+                                tokens_split_over_ep=tokens_split_over_ep, implementation=implementation)
     e_l = w_gate_up.shape[0]
-    e = e_l * ep
-    dispatch = route(experts_tk, e)
-    x_md = permute(x_td, dispatch)  # sorted by global expert, hence by destination shard
+    dispatch, x_md = _sorted_copies(x_td, experts_tk, e_l * ep)
     m, d = x_md.shape
-    if ep_axis is None:
-        out_md = expert_ffn(x_md, w_gate_up, w_down, dispatch.group_sizes_e, implementation=implementation)
-        return unpermute(out_md, weights_tk, dispatch)
-    shard = lax.axis_index(ep_axis)
-    counts_pe = lax.all_gather(dispatch.group_sizes_e, ep_axis)  # [sender, global expert]
-    sizes_ee = counts_pe.reshape(ep, ep, e_l).sum(-1)  # [sender, receiver]
+    shard, counts_pe, sizes_ee = _exchange_sizes(dispatch, ep_axis, ep, e_l)
     input_offsets, send_sizes, output_offsets, recv_sizes = all_to_all_params(sizes_ee, shard)
     # Received: sender i's rows for this shard at [recv_starts[i], + recv_sizes[i]), senders in order; at most
     # ep * m rows (every shard sending all its copies here).
