@@ -105,7 +105,7 @@ def test_moe_top_k_larger_than_the_expert_count_is_named():
 
 
 def test_unknown_expert_parallel_strategy_is_named():
-    with pytest.raises(ValueError, match="expert_parallel='ring'; expected 'auto', 'all_gather' or 'all_to_all'"):
+    with pytest.raises(ValueError, match="expert_parallel='ring'; expected 'auto', 'all_gather', 'all_to_all' or 'ragged_all_to_all'"):
         MoEConfig(num_experts=8, expert_parallel="ring")
 
 

@@ -257,7 +257,8 @@ MEDIA_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(MEDIA_CASES))
+# 8-10 s each: audio in the slow tier, to keep the default tier in its 8-minute budget.
+@pytest.mark.parametrize("case", ["image", pytest.param("audio", marks=pytest.mark.slow)])
 def test_greedy_generation_with_media_equals_transformers_generate(model, reference, case):
     ids, media = MEDIA_CASES[case]()
     flat = {k: v for inputs in media.values() for k, v in inputs.items()}
