@@ -111,12 +111,6 @@ def beam_step(beams: Beams, logprobs_bnv: jax.Array, eos_ids: jax.Array, denomin
                  done_scores_bn=done_scores_bn, done_bn=done_bn, improvable_b=improvable_b, running=running)
 
 
-def _take_rows(cache, rows):
-    """The KV cache with batch rows `rows` int [B] (each layer's keys and values, and the slot positions)."""
-    return cache.replace(k=tuple(k[rows] for k in cache.k), v=tuple(v[rows] for v in cache.v),
-                         positions_bs=cache.positions_bs[rows])
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "num_beams",
                                              "num_candidates"))
 def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, denominators, stop_when_full,
@@ -145,7 +139,7 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
     def decode_step(carry):
         """Gathers the cache by parent beam, then runs each running beam's newest token through the model."""
         beams, cache = carry
-        cache = _take_rows(cache, (jnp.arange(b)[:, None] * n + beams.parents_bn).reshape(-1))
+        cache = cache.take_rows((jnp.arange(b)[:, None] * n + beams.parents_bn).reshape(-1))
         token_x1 = jax.lax.dynamic_index_in_dim(beams.tokens_bnm, beams.step - 1, axis=2).reshape(b * n, 1)
         positions_x1 = (n_real_x + beams.step - 1)[:, None]
         out = model(token_x1, positions=positions_x1, cache=cache, logits_to_keep=1, return_hidden=hidden,
@@ -170,7 +164,7 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
                     return_hidden=hidden, **prompt_tasks)
     # The n beams of a prompt start as copies of its one prefilled row (processed_logits repeats its outputs).
     carry = advance(init_beams(b, n, max_new_tokens, pad_id), prefill,
-                    _take_rows(prefill.cache, jnp.repeat(jnp.arange(b), n)))
+                    prefill.cache.take_rows(jnp.repeat(jnp.arange(b), n)))
     rope = getattr(model.config, "text", model.config).longrope  # Phi-4-multimodal: .text
     if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
         slot = rope.original_max_position_embeddings

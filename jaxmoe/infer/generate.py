@@ -125,10 +125,11 @@ def _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, processor, *
     def decode_until(carry, stop):
         return jax.lax.while_loop(lambda c: (c[0] < stop) & ~jnp.all(c[3]), decode_step, carry)
 
-    def run_until(carry, stop, width):
+    def run_until(carry, stop):
         """Decodes while step < stop (traced) and a row is running. Like transformers, the step that first runs
         column original_max_position_embeddings (unless the prompt covered it) recomputes the cache instead."""
         rope = _text_config(model).longrope
+        width = carry[2].shape[1]
         if rope is not None and t <= rope.original_max_position_embeddings <= width - 2:
             slot = rope.original_max_position_embeddings
             step_at = slot - t + 1
@@ -178,7 +179,7 @@ def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p
                                    task_ids_b, max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=greedy,
                                    top_k=top_k, use_top_p=use_top_p, stream=stream, prefilled=prefilled,
                                    input_mode_b=input_mode_b)
-    return run_until(carry, max_new_tokens, carry[2].shape[1])[2]
+    return run_until(carry, max_new_tokens)[2]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -200,7 +201,7 @@ def _decode_chunk_compiled(graphdef, state, carry, rows, key, temperature, top_p
     t = rows["mask"].shape[1]
     _, run_until = _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, None, t=t, greedy=greedy,
                             top_k=top_k, use_top_p=use_top_p, stream=False)
-    return run_until(carry, stop, carry[2].shape[1])
+    return run_until(carry, stop)
 
 
 @jax.jit
@@ -208,11 +209,8 @@ def _take_rows(carry, rows, index_r, real_r):
     """The carry and per-row constants of rows index_r [r] of the batch; rows where real_r [r] is False are
     padding, marked done."""
     step, cache, buf, done = carry
-    take = lambda a: None if a is None else a[index_r]  # noqa: E731
-    cache = cache.replace(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
-                          positions_bs=take(cache.positions_bs))
-    rows = {name: take(value) for name, value in rows.items()}
-    return (step, cache, take(buf), take(done) | ~real_r), rows
+    rows = {name: None if value is None else value[index_r] for name, value in rows.items()}
+    return (step, cache.take_rows(index_r), buf[index_r], done[index_r] | ~real_r), rows
 
 
 def _generate_pruned(graphdef, state, prefill_args, *, prune_every: int, max_new_tokens: int, longrope: bool,

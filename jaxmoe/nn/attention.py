@@ -47,6 +47,11 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
         )
 
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache of batch rows `rows` int [B] (each layer's keys and values, and the slot positions)."""
+        return self.replace(k=tuple(k[rows] for k in self.k), v=tuple(v[rows] for v in self.v),
+                            positions_bs=self.positions_bs[rows])
+
     @property
     def max_len(self) -> int:
         return self.positions_bs.shape[1]
