@@ -78,6 +78,7 @@ def test_pruned_sampling_with_a_fixed_key_equals_unpruned(phi3, compactions):
     assert compactions
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_pruned_generation_of_an_moe_model_equals_unpruned(tiny_model, compactions):
     model = tiny_model("tiny-moe", num_layers=2)
     ids, mask = left_padded([5, 7, 7, 2, 6, 7, 4, 3], model.config.vocab_size, seed=2)

@@ -65,7 +65,7 @@ def stopping_eos(expected, prompt_len):
     (TIED, [8]),       # crosses original_max_position_embeddings=16 at slot 16: the cache is recomputed
     (TIED, [8, 5]),    # left-padded batch; the crossing follows the buffer width, as in transformers
     (TIED, [20]),      # long factors from the prompt on
-    (UNTIED, [8]),
+    pytest.param(UNTIED, [8], marks=pytest.mark.slow),
     (UNTIED, [8, 5]),
 ])
 def test_greedy_matches_transformers(models, name, lengths):
@@ -115,6 +115,7 @@ def test_stream_callback_gets_each_step_in_order(models):
         np.testing.assert_array_equal(tokens, got[:, ids.shape[1] + step])
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_sampling_with_top_k_1_is_greedy(models):
     ids, mask = left_padded([8, 5])
     greedy = jaxmoe.generate(models[TIED], ids, attention_mask=mask, max_new_tokens=NEW)
@@ -123,6 +124,7 @@ def test_sampling_with_top_k_1_is_greedy(models):
     np.testing.assert_array_equal(sampled, greedy)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_sampling_is_reproducible_from_rngs_and_varies_with_the_seed(models):
     ids, mask = left_padded([8, 5])
     run = lambda seed: np.asarray(jaxmoe.generate(  # noqa: E731

@@ -75,7 +75,7 @@ def _ids(rng, vocab, length, batch=2):
 # ------------------------------------------------------------------------------------ save_hf -> transformers
 
 
-@pytest.mark.parametrize("name", [TIED, UNTIED])
+@pytest.mark.parametrize("name", [pytest.param(TIED, marks=pytest.mark.slow), UNTIED])
 def test_save_hf_loads_in_transformers_with_same_logits(name, hf_checkpoint, tmp_path, rng):
     model = load_hf(hf_checkpoint(name))
     save_hf(model, tmp_path / "out")
@@ -86,7 +86,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(name, hf_checkpoint, tmp
         assert np.abs(_logits(model, ids) - _torch_logits(reference, ids)).max() <= TOL
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-untied"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny-untied", marks=pytest.mark.slow)])
 def test_fresh_model_saves_to_transformers_with_same_logits(preset, tmp_path, rng):
     model = _randomize(Phi3ForCausalLM(get_preset(preset), rngs=nnx.Rngs(0)))
     save_hf(model, tmp_path / "out")

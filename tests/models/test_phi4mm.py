@@ -111,7 +111,8 @@ IMAGE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(IMAGE_CASES))
+@pytest.mark.parametrize("case", [case if case == "one crop" else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in IMAGE_CASES])  # the slow tier: the other crop layouts
 def test_image_and_text_logits_match_transformers(model, reference, case):
     inputs = IMAGE_CASES[case]()
     counts = num_image_tokens(inputs["image_sizes"], inputs["image_attention_mask"], CONFIG.vision)
@@ -121,6 +122,7 @@ def test_image_and_text_logits_match_transformers(model, reference, case):
     assert np.abs(expected - _expected(reference, ids)).max() > 0.1  # the image features do matter
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_image_audio_and_text_together_match_transformers(model, reference):
     """Both modalities in one row: the audio goes through the vision-speech projector."""
     ids = _with_placeholders(IMAGE, IMAGE_TOKENS, length=40)
@@ -271,6 +273,7 @@ def test_greedy_generation_with_media_equals_transformers_generate(model, refere
     assert not (np.asarray(jaxmoe.generate(model, ids, max_new_tokens=8, eos_token_id=(), **other)) == got).all()
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_each_row_generates_with_the_adapter_its_prompt_chose(reference):
     """A batch of an image row and a text row on a model with "vision" and "speech" adapters: every generated token
     is the argmax of the forward over the prompt plus the tokens before it (which picks each row's adapter from its

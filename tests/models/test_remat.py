@@ -101,6 +101,7 @@ def test_a_train_step_with_remat_takes_the_same_step(rng):
         assert np.abs(remat_params[key] - want).max() <= TOL, key
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_generation_with_remat_decodes_the_same_tokens(rng):
     """The decode loop runs the layers inside a while loop over parameters traced outside it; remat must work
     there too (it changes nothing without a backward). One layer shows it."""

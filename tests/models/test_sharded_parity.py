@@ -107,13 +107,14 @@ def one_device():
     return data, loss, logits, aux, grads
 
 
-# An Explicit mesh is converted to its Auto twin by one function whatever the axes (sharding.auto_mesh), so the
-# richest mesh shows it in the default tier and the slow tier repeats it on the others.
+# An Explicit mesh is converted to its Auto twin by one function whatever the axes (sharding.auto_mesh); the
+# default tier shows it through load_hf onto an Explicit mesh below, the slow tier repeats it here on every mesh.
 @pytest.mark.parametrize("mesh_name, axis_types, strategy",
-                         [(name, "auto", "auto") for name in ("expert8", "data2_expert4", "fsdp2_expert2_tensor2")]
-                         + [("fsdp2_expert2_tensor2", "explicit", "auto"), ("data2_expert4", "auto", "all_to_all")]
+                         [(name, "auto", "auto") for name in ("data2_expert4", "fsdp2_expert2_tensor2")]
                          + [pytest.param(name, "explicit", "auto", marks=SLOW)
-                            for name in ("expert8", "data2_expert4")])
+                            for name in ("expert8", "data2_expert4", "fsdp2_expert2_tensor2")]
+                         + [pytest.param("expert8", "auto", "auto", marks=SLOW),
+                            pytest.param("data2_expert4", "auto", "all_to_all", marks=SLOW)])
 def test_sharded_logits_aux_loss_and_gradients_equal_one_device(mesh_name, axis_types, strategy, one_device, capfd):
     """Under the caller's own nnx.jit: the batch placed on an Auto mesh, or plain arrays with an Explicit one
     (JAX refuses arrays of an Explicit and an Auto mesh in one jit; see jaxmoe.sharding)."""
@@ -199,14 +200,13 @@ def one_device_step():
     return get
 
 
-# The default tier steps on the two meshes with every kind of axis (batch, fsdp, expert, tensor); an Explicit case
-# reuses its Auto twin's compiled step. The slow tier adds the expert-only meshes.
+# The default tier steps on the fsdp x expert x tensor mesh with both axis types (an Explicit case reuses its Auto
+# twin's compiled step). The slow tier adds the batch-axis and expert-only meshes and the tied head.
 @pytest.mark.parametrize("mesh_name, axis_types, config",
-                         [(name, kind, CONFIG) for name in ("data2_expert2_tensor2", "fsdp2_expert2_tensor2")
-                          for kind in AXIS_TYPES]
-                         + [("fsdp2_expert2_tensor2", "auto", TIED)]
-                         + [pytest.param(name, kind, CONFIG, marks=SLOW) for name in ("data2_expert4", "expert8")
-                            for kind in AXIS_TYPES],
+                         [("fsdp2_expert2_tensor2", kind, CONFIG) for kind in AXIS_TYPES]
+                         + [pytest.param("fsdp2_expert2_tensor2", "auto", TIED, marks=SLOW)]
+                         + [pytest.param(name, kind, CONFIG, marks=SLOW)
+                            for name in ("data2_expert2_tensor2", "data2_expert4", "expert8") for kind in AXIS_TYPES],
                          ids=lambda v: {id(CONFIG): "moe", id(TIED): "tied"}.get(id(v)))
 def test_a_training_step_on_the_mesh_equals_one_device_and_keeps_the_declared_shardings(
         mesh_name, axis_types, config, one_device_step, capfd):

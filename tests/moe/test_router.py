@@ -215,6 +215,7 @@ def _mc_gradient(row, o, n, variant, slots, seed):
     return g.mean(0), g.std(0) / np.sqrt(n)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_v2_monte_carlo_gradient_matches_the_heun_expectation_grin_claims():
     """"Approaches" = at N = 200k draws the mean is within 5 standard errors (+1e-4 for 0.3333 vs 1/3) of the
     exact expectation. v2 is biased by design for the full objective Σ p f(p o): it estimates the sampling term
@@ -288,6 +289,7 @@ def test_load_balancing_loss_matches_transformers_with_and_without_padding(rng):
         np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_load_balancing_loss_over_a_data_axis_equals_the_concatenated_batch(rng):
     logits = rng.normal(size=(2, 10, 8)).astype(np.float32)
     experts = np.asarray(topk_router(jnp.asarray(logits.reshape(-1, 8)), k=2)[1]).reshape(2, 10, 2)

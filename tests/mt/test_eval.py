@@ -186,6 +186,7 @@ def test_translate_equals_one_sentence_at_a_time_greedy_decoding_in_input_order(
     assert any(stopped) and not all(stopped)  # EOS cuts some rows, others run to max_new_tokens
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_translate_with_batch_pruning_gives_the_same_translations(tiny):
     model, tokenizer = tiny
     kwargs = dict(prompt=to_prompt, max_new_tokens=MAX_NEW, batch_size=4)

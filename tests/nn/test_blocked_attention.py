@@ -146,6 +146,7 @@ def test_unknown_implementation_is_named(rng):
         jaxmoe.get_preset("tiny").replace(attention_impl="flash")
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_model_with_blocked_attention_matches_dense_logits_and_gradients(rng):
     """The tiny MoE model (left padding, packed segments, its sliding window of 64 over 80 tokens): logits and
     the gradient of every parameter agree between attention_impl='blocked' and 'dense'. One layer: every layer

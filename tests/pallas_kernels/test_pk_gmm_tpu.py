@@ -51,7 +51,7 @@ def test_group_metadata_visits_each_group_tile_pair_in_order():
         np.testing.assert_array_equal(bounds, np.concatenate([[0], ends])[offset:offset + num_groups + 1])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, slow(jnp.bfloat16)])
 def test_gmm_matches_numpy_with_shared_tiles_empty_group_and_ragged_k_n(dtype):
     rng = np.random.default_rng(0)
     sizes = np.array([16, 0, 21, 23], np.int32)  # rows 60..71 belong to no group
@@ -84,7 +84,7 @@ def test_gmm_transpose_rhs_multiplies_by_each_groups_transpose(dtype):
     assert rel_err(out, want) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, slow(jnp.bfloat16)])
 def test_tgmm_matches_numpy_including_empty_groups(dtype):
     rng = np.random.default_rng(3)
     # Local groups 1..4: group 2 is empty, group 4 is empty and starts at row m (= 64, a tile multiple).
@@ -98,11 +98,11 @@ def test_tgmm_matches_numpy_including_empty_groups(dtype):
 
 
 # k = 384: block_k = 128 and three k tiles, so a per-channel scale spans all three tiles, while group sizes 32 and
-# 64 put 4 or 2 scale groups in each tile. By default each bits once and each group size at least once (and the
-# asymmetric test below: 4 bits, group 32).
+# 64 put 4 or 2 scale groups in each tile. By default a packed width with a group size and a per-channel width (and
+# the asymmetric test below: 4 bits, group 32); the slow tier runs every pair.
 @pytest.mark.parametrize("bits,group_size", [
-    (8, None), slow(8, 32), slow(8, 64), (4, 64), slow(4, 32), slow(4, None), (3, 32), slow(3, 64), slow(3, None),
-    (2, None), slow(2, 32), slow(2, 64)])
+    slow(8, None), slow(8, 32), slow(8, 64), (4, 64), slow(4, 32), slow(4, None), slow(3, 32), slow(3, 64),
+    slow(3, None), (2, None), slow(2, 32), slow(2, 64)])
 def test_quantized_gmm_equals_lhs_times_dequantized_weight(bits, group_size):
     rng = np.random.default_rng(10 + bits)
     sizes = jnp.array([7, 0, 30, 19], jnp.int32)

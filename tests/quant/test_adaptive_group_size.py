@@ -69,6 +69,7 @@ def test_gaussian_weights_keep_per_channel_and_the_string_adaptive_uses_a_floor_
     assert sum("adaptive group size" in r.getMessage() for r in caplog.records) == len(sizes)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_each_expert_gets_its_own_size_so_an_outlier_makes_only_its_expert_finer(tiny_model, np_dequantize, forward,
                                                                                   ids, caplog, monkeypatch):
 

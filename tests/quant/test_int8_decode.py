@@ -117,7 +117,7 @@ def test_auto_takes_the_decode_paths_for_a_few_rows_on_cpu():
     assert resolve_implementation("auto") == "blocked"
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])
 def test_quantized_model_decodes_within_tolerance_of_its_dequantized_twin(tiny_model, forward, bits):
     """Greedy decode of a tiny PhiMoE with packed experts (the int8 path at each decode step) against the same model
     with the packed weights dequantized to float: the same tokens, and the logits over the generated sequence (16

@@ -33,7 +33,8 @@ def test_fake_quantize_is_the_numpy_round_trip_with_an_identity_gradient(rng, np
     np.testing.assert_array_equal(grad, r)
 
 
-@pytest.mark.parametrize("preset,target,group_size", [("tiny-moe", "linear", 32), ("tiny", "linear", None)])
+@pytest.mark.parametrize("preset,target,group_size", [pytest.param("tiny-moe", "linear", 32, marks=pytest.mark.slow),
+                                                      ("tiny", "linear", None)])
 def test_quantizing_the_qat_model_gives_the_logits_its_forward_computed(tiny_model, forward, ids, preset, target,
                                                                         group_size):
     # The weight-only expert path: CPU's default for a few tokens, "decode_int8", also rounds activations.

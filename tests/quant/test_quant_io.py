@@ -25,8 +25,8 @@ def stored(model):
 
 
 @pytest.mark.parametrize("format", ["safetensors", "orbax"])
-@pytest.mark.parametrize("preset,kwargs", [
-    ("tiny-moe", dict(bits=3, group_size=32, target="linear", symmetric=False)),
+@pytest.mark.parametrize("preset,kwargs", [  # the MoE case to the slow tier: the default tier's budget
+    pytest.param("tiny-moe", dict(bits=3, group_size=32, target="linear", symmetric=False), marks=pytest.mark.slow),
     ("tiny", dict(bits=4, group_size=None, target="linear", rules=[(r"down_proj", {"bits": 8})]))])
 def test_round_trip_rebuilds_the_quantized_model_exactly(tmp_path, tiny_model, forward, ids, format, preset, kwargs):
     quantized = quantize(tiny_model(preset), **kwargs)

@@ -39,8 +39,10 @@ def expert_setup(rng, bits, group_size, symmetric):
     return x, weights, experts, packed
 
 
-@pytest.mark.parametrize("impl", WEIGHT_ONLY)
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 16, True), (2, None, False), (3, 8, True)])
+# The default tier: every implementation at 4 bits, every width through "blocked"; the slow tier: the whole grid.
+@pytest.mark.parametrize("bits,group_size,symmetric,impl", [
+    pytest.param(*case, impl, marks=[] if case[0] == 4 or impl == "blocked" else [pytest.mark.slow])
+    for case in [(4, 16, True), (2, None, False), (3, 8, True)] for impl in WEIGHT_ONLY])
 def test_moe_ffn_with_quantized_experts_equals_the_dense_reference_on_dequantized_weights(rng, impl, bits,
                                                                                            group_size, symmetric):
     x, weights, experts, (q_gate_up, q_down) = expert_setup(rng, bits, group_size, symmetric)
@@ -50,7 +52,9 @@ def test_moe_ffn_with_quantized_experts_equals_the_dense_reference_on_dequantize
     assert_close(dense_moe_reference(x, weights, experts, q_gate_up, q_down), expected, rtol=0)
 
 
-@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", [  # the slow tier: every implementation
+    impl if impl in ("blocked", "decode_int8") else pytest.param(impl, marks=pytest.mark.slow)
+    for impl in sorted(IMPLEMENTATIONS)])
 def test_gradient_in_x_through_quantized_experts_equals_the_float_path_at_the_dequantized_weights(rng, impl):
     x, weights, experts, (q_gate_up, q_down) = expert_setup(rng, 4, 16, True)
     w_gate_up, w_down = q_gate_up.dequantize(), q_down.dequantize()

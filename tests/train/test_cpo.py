@@ -168,7 +168,8 @@ def fixed_batch(tokenizer):
                                    pad_id=0)[0]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [pytest.param(False, id="full", marks=pytest.mark.slow),
+                                  pytest.param(True, id="lora")])
 def test_cpo_steps_raise_the_reward_margin_on_a_fixed_batch(lora, fixed_batch):
     model = tiny_model()
     if lora:

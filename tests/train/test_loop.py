@@ -112,6 +112,7 @@ def test_next_token_stats_sum_numpy_cross_entropy_and_argmax_hits_over_the_targe
         next_token_stats(jnp.asarray(logits[:, :6]), batch)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_thirty_steps_on_a_fixed_batch_cut_the_loss(rng):
     model = tiny_model()
     config = TrainConfig(learning_rate=1e-2, warmup_steps=3, total_steps=30)
@@ -180,6 +181,7 @@ def test_norm_gains_are_not_weight_decayed(rng):
     assert np.abs(np.asarray(model.embed_tokens.embedding[...])).sum() < np.abs(embed_before).sum()
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_evaluate_weights_batches_by_their_target_tokens(rng):
     model = tiny_model()
     batches = [right_padded_batch(rng, [10, 4], 10), right_padded_batch(rng, [3], 3)]
@@ -208,6 +210,7 @@ def test_mismatched_mask_shape_is_named(rng):
         next_token_loss(tiny_model(), batch._replace(loss_mask=batch.loss_mask[:, :3]))
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_moe_model_trains_in_training_mode_with_its_routing_losses(rng):
     """SparseMixer sampling and input jitter (model.train() + rngs) still learn; the aux losses enter the loss."""
     config = jaxmoe.get_preset("tiny-moe").replace(
@@ -233,6 +236,7 @@ def test_moe_model_trains_in_training_mode_with_its_routing_losses(rng):
         train_step(model, optimizer, batch)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_accumulated_micro_batches_take_the_whole_batch_step(rng):
     """[2, b/2, t] micro-batches give the same update as the [b, t] batch (the token-weighted gradient)."""
     batch = right_padded_batch(rng, [12, 5, 9, 3], 12)
@@ -288,8 +292,9 @@ def test_clipping_equals_optax_clip_by_global_norm_below_and_above_the_threshold
     assert float(optax.global_norm(ours)) == pytest.approx(min(max_norm, float(optax.global_norm(grads))), rel=1e-6)
 
 
-@pytest.mark.parametrize("head, wrt", [("tied", nnx.Param), ("untied_bias", nnx.Param), ("tied", nnx.LoRAParam)],
-                         ids=["tied", "untied_bias", "lora_only"])
+@pytest.mark.parametrize("head, wrt", [pytest.param("tied", nnx.Param, id="tied", marks=pytest.mark.slow),
+                                       pytest.param("untied_bias", nnx.Param, id="untied_bias"),
+                                       pytest.param("tied", nnx.LoRAParam, id="lora_only", marks=pytest.mark.slow)])
 def test_a_step_takes_the_gradient_of_the_cross_entropy_of_the_models_logits(head, wrt, rng):
     """train_step's loss never holds the logits (jaxmoe.nn.lm_loss); its loss, accuracy and gradient (plain SGD
     at rate 1: the parameter change) are those of next_token_stats on the model's logits, by autodiff. The rows

@@ -142,6 +142,7 @@ def run():
     return train(SEED)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 @pytest.mark.parametrize("step, kind", [(0, "image"), (1, "audio")])
 def test_a_step_moves_exactly_the_adapter_and_projector_its_batch_uses(run, step, kind):
     """Image batch: the "vision" adapter and the image projector; audio-only batch: the "speech" adapter and the
@@ -156,6 +157,7 @@ def test_a_step_moves_exactly_the_adapter_and_projector_its_batch_uses(run, step
     assert {moment_of(path) for path in changed(optimizer_before, optimizer_after)} - {None} == expected
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_trainable_is_the_adapters_and_projectors_and_only_they_have_optimizer_state(run):
     model = run["model"]
     every = {path for path, _ in nnx.state(model).flat_state()}
@@ -172,6 +174,7 @@ def test_trainable_is_the_adapters_and_projectors_and_only_they_have_optimizer_s
     assert len(moments) - moments.count(None) == 2 * len(trainable)  # AdamW's mu and nu
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_the_loss_falls_on_synthetic_image_and_audio_to_text_tasks(run):
     """From the untrained loss (7 to 10 here) to below log 3, the loss of knowing the three answers but not which:
     the model reads the image's colour and the tone's pitch through the projectors and adapters. Each batch is
@@ -182,12 +185,14 @@ def test_the_loss_falls_on_synthetic_image_and_audio_to_text_tasks(run):
         assert last < np.log(len(CLASSES)), (kind, losses)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_repeated_step_with_the_same_sizes_does_not_recompile(run):
     compiles = run["compiles"]
     assert compiles[0] > 0 and compiles[1] > 0  # the listener sees the first image and the first audio compile
     assert compiles[2:] == [0] * (len(compiles) - 2)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_batch_of_image_rows_and_audio_rows_moves_both_adapters_and_the_vision_speech_projector(run):
     """Each row gets its own adapter; next to images the audio goes through the vision-speech projector (the
     batch's mode, as in transformers), so the speech projector stays as it was."""
@@ -209,6 +214,7 @@ def test_a_batch_of_image_rows_and_audio_rows_moves_both_adapters_and_the_vision
     assert changed(before, snapshot(run["model"])) == expected
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_step_reports_the_cross_entropy_and_greedy_accuracy_of_the_models_logits_on_the_targets(run):
     """The step's loss, accuracy and tokens are those of the model's own forward before the update, computed in
     NumPy over the loss_mask targets."""
@@ -234,6 +240,7 @@ def test_a_model_without_adapters_is_refused():
         make_mm_optimizer(model, 1e-3)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_loss_mask_of_another_shape_is_refused(run):
     batch = image_batch(np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"loss_mask has shape \[6, 5\] but input_ids has \[6, 17\]"):
@@ -242,6 +249,7 @@ def test_a_loss_mask_of_another_shape_is_refused(run):
         mm_train_step(run["model"], run["optimizer"], batch._replace(loss_mask=np.zeros_like(batch.loss_mask)))
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_placeholders_that_do_not_match_the_inputs_are_refused(run):
     batch = image_batch(np.random.default_rng(0))
     ids = batch.input_ids.copy()
@@ -251,6 +259,7 @@ def test_placeholders_that_do_not_match_the_inputs_are_refused(run):
         mm_train_step(run["model"], run["optimizer"], batch._replace(input_ids=ids))
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_an_optimizer_over_other_parameters_is_refused(run):
     batch = image_batch(np.random.default_rng(0))
     optimizer = make_optimizer(run["model"], TrainConfig(), wrt=nnx.LoRAParam)

@@ -223,6 +223,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(corpus, fini
     np.testing.assert_allclose([resumed[s] for s in (5, 6)], [uninterrupted[s] for s in (5, 6)], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     run_dir = tmp_path / "run"
     config = base_config(corpus, run_dir, optim={"steps": 8, "learning_rate": 1e30, "warmup_steps": 0},
@@ -249,6 +250,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
     assert all(np.isfinite(losses[s]) for s in steps)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_lora_fine_tuning_trains_only_adapters_and_exports_a_merged_model(corpus, finished_run, tmp_path):
     config = base_config(corpus, tmp_path / "lora", optim={"steps": 4, "warmup_steps": 0}, eval=QUIET)
     config["model"] = {"init_from": str(finished_run / "model"), "lora": {"rank": 4, "alpha": 8.0,
@@ -269,6 +271,7 @@ def test_lora_fine_tuning_trains_only_adapters_and_exports_a_merged_model(corpus
                               np.asarray(tuned.layers[0].self_attn.qkv_proj.kernel[...]))
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_mesh_gives_the_single_device_losses(finished_run, mesh_run):
     """Data x expert parallel (the batch split over both axes, the MoE blocks in a shard_map): the same losses
     step by step."""
@@ -356,6 +359,7 @@ def test_a_tfds_name_that_is_not_prepared_says_what_is_needed(corpus, tmp_path):
         train(config, log=lambda _: None)
 
 
+@pytest.mark.slow  # default tier's 8-minute budget (.ci/run); runs with -m slow
 def test_a_run_on_a_mesh_resumes_exactly(corpus, mesh_run, tmp_path):
     """Sharded parameters and optimizer state go back onto the mesh from the checkpoint."""
     part = shutil.copytree(mesh_run, tmp_path / "part")
