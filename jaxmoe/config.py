@@ -98,13 +98,18 @@ class TaskAdapterConfig:
 
 # "auto" and the names of jaxmoe.moe.experts.IMPLEMENTATIONS (tests/moe/test_experts.py holds the two equal).
 EXPERT_IMPLEMENTATIONS = ("auto", "blocked", "decode", "decode_int8", "pallas", "xla_ragged")
+# The variants of jaxmoe.moe.router.sparsemixer (tests/moe/test_sparsemixer_variant.py holds the two equal).
+SPARSEMIXER_VARIANTS = ("v2", "v2*")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MoEConfig:
     """The sparse feed-forward block of Phi-3.5-MoE / GRIN-MoE (`model_type: phimoe`).
 
-    `router`: "sparsemixer" (GRIN's SparseMixer-v2 top-2) or "topk" (softmax, top-k, renormalised).
+    `router`: "sparsemixer" (GRIN's SparseMixer top-2) or "topk" (softmax, top-k, renormalised).
+    `sparsemixer_variant` (router "sparsemixer" only): "v2" (GRIN Alg. 1, as transformers' phimoe) or "v2*" (GRIN
+    Alg. 2: MaskedSoftmax(z/2), in eval too; `jaxmoe.moe.router.sparsemixer`). transformers has no v2*: such models
+    are saved in jaxmoe's format (`jaxmoe.io.hf.hf_problems`).
     `capacity_factor` < 0 means dropless (every token reaches its experts); > 0 keeps at most
     ceil(tokens * top_k / num_experts * capacity_factor) token copies per expert, in token order.
     `expert_parallel`: how tokens reach the experts' devices under a mesh with an `expert` axis ("auto",
@@ -120,6 +125,7 @@ class MoEConfig:
     num_experts: int
     top_k: int = 2
     router: str = "sparsemixer"
+    sparsemixer_variant: str = "v2"
     router_jitter_noise: float = 0.01
     input_jitter_noise: float = 0.0
     capacity_factor: float = -1.0
@@ -157,6 +163,13 @@ class MoEConfig:
         if self.router == "sparsemixer" and self.top_k != 2:
             raise ValueError(f"invalid MoEConfig: the sparsemixer router picks exactly 2 experts, got "
                              f"top_k={self.top_k}; use router='topk' for other values")
+        if self.sparsemixer_variant not in SPARSEMIXER_VARIANTS:
+            raise ValueError(f"invalid MoEConfig: sparsemixer_variant={self.sparsemixer_variant!r}; expected one of "
+                             f"{list(SPARSEMIXER_VARIANTS)}")
+        if self.router != "sparsemixer" and self.sparsemixer_variant != "v2":
+            raise ValueError(f"invalid MoEConfig: sparsemixer_variant={self.sparsemixer_variant!r} with "
+                             f"router={self.router!r}; the variant is SparseMixer's: set router='sparsemixer' or "
+                             "leave sparsemixer_variant at 'v2'")
         if self.capacity_factor == 0:
             raise ValueError("invalid MoEConfig: capacity_factor=0 would drop every token; use a negative value "
                              "for dropless routing or a positive one for a capacity")

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxmoe.infer.processors import hidden_mode, processed_logits
+from jaxmoe.moe.layer import split_experts_for_decode
 
 __all__ = ["Beams", "beam_search", "beam_step", "check_beam_arguments", "init_beams"]
 
@@ -162,6 +163,7 @@ def _beam_search_compiled(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, den
 
     prefill = model(ids_bt, attention_mask=mask_bt, cache=model.init_cache(b, cache_len), logits_to_keep=1,
                     return_hidden=hidden, **prompt_tasks)
+    split_experts_for_decode(model, b * n)  # the decode steps traced below read one buffer per expert
     # The n beams of a prompt start as copies of its one prefilled row (processed_logits repeats its outputs).
     carry = advance(init_beams(b, n, max_new_tokens, pad_id), prefill,
                     prefill.cache.take_rows(jnp.repeat(jnp.arange(b), n)))

@@ -20,6 +20,7 @@ from jax.experimental import io_callback
 
 from jaxmoe.infer.beam import beam_search, check_beam_arguments
 from jaxmoe.infer.processors import LogitsProcessor, as_logits_processor, hidden_mode, processed_logits
+from jaxmoe.moe.layer import split_experts_for_decode
 from jaxmoe.moe.task_adapters import check_task_ids
 from jaxmoe.nn.tokens import check_token_ids, greedy_tokens
 from jaxmoe.sharding import on_auto_axes
@@ -179,6 +180,7 @@ def _generate_compiled(graphdef, state, ids_bt, mask_bt, key, temperature, top_p
                                    task_ids_b, max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=greedy,
                                    top_k=top_k, use_top_p=use_top_p, stream=stream, prefilled=prefilled,
                                    input_mode_b=input_mode_b)
+    split_experts_for_decode(model, ids_bt.shape[0])  # traced by run_until below: its decode loop reads the split
     return run_until(carry, max_new_tokens)[2]
 
 
@@ -198,6 +200,7 @@ def _decode_chunk_compiled(graphdef, state, carry, rows, key, temperature, top_p
     """Batch pruning's loop program: decodes the carry's rows until step `stop` (traced) or until all are done.
     One compilation per batch size."""
     model = nnx.merge(graphdef, state)
+    split_experts_for_decode(model, carry[2].shape[0])
     t = rows["mask"].shape[1]
     _, run_until = _decoder(model, rows, key, temperature, top_p, eos_ids, pad_id, None, t=t, greedy=greedy,
                             top_k=top_k, use_top_p=use_top_p, stream=False)
@@ -338,6 +341,11 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
     size (default t + max_new_tokens). `stream_callback(step, tokens int32 [b])` is called for every
     generated step, in order, from inside the compiled loop. Row r's draws use the key fold_in(fold_in(key, step),
     r): they do not depend on the other rows.
+
+    MoE models on CPU: where a decode step's batch takes the "decode" expert paths, the decode loop reads each
+    expert's weights from a buffer of its own (`jaxmoe.moe.layer.split_experts_for_decode`), copied once per call,
+    so the experts' weights take twice their memory while `generate` runs (about 2x faster decode at batch 8:
+    BENCHMARKS.md, issue 19). `MoEConfig.expert_implementation="blocked"` keeps them stacked.
 
     `images` / `audio` (Phi-4-multimodal): the processor's outputs, `Phi4MMProcessor.images(...)` (image_pixel_values,
     image_sizes, image_attention_mask) and `.audio(...)` (audio_input_features, audio_embed_sizes and, for several

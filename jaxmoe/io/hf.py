@@ -116,11 +116,12 @@ def hf_problems(c: ModelConfig) -> str | None:
     else:
         problems = [f"{name}={value!r}" for name, value, ok in
                     (("norm", c.norm, c.norm == "layer"), ("moe.router", c.moe.router, c.moe.router == "sparsemixer"),
+                     ("moe.sparsemixer_variant", c.moe.sparsemixer_variant, c.moe.sparsemixer_variant == "v2"),
                      ("moe.capacity_factor", c.moe.capacity_factor, c.moe.capacity_factor < 0),
                      ("moe.task_adapters", c.moe.task_adapters, c.moe.task_adapters is None),
                      ("partial_rotary_factor", c.partial_rotary_factor, c.partial_rotary_factor == 1.0),
                      ("tie_word_embeddings", c.tie_word_embeddings, not c.tie_word_embeddings)) if not ok]
-        target = ("PhimoeForCausalLM (LayerNorm, SparseMixer top-2, dropless, full rotary, untied head)")
+        target = ("PhimoeForCausalLM (LayerNorm, SparseMixer-v2 top-2, dropless, full rotary, untied head)")
     return f"{', '.join(problems)} has no counterpart in {target}" if problems else None
 
 

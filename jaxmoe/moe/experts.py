@@ -25,10 +25,16 @@ The expert computation over the sorted copies, `expert_ffn`, picks an implementa
                 within `activation_rounding_bound` of "decode". Float weights go as in "decode".
 "auto" picks "pallas" off CPU; on CPU "decode_int8" for a few rows and a quantized weight, "decode" for a few rows,
 "blocked" otherwise (measured: experiments/bench/moe_decode.py, BENCHMARKS.md).
+
+Either weight may also be a `PerExpertWeights` (the same [e, k, n] weight held as one buffer per expert): the
+"decode" paths then multiply by the routed expert's own buffer (a `lax.switch` over the experts) instead of slicing
+it out of the stacked array, which XLA:CPU does by copying the slice on every call; the other implementations take
+it stacked again. `jaxmoe.generate` builds it once per call for its decode loop (`split_experts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -51,6 +57,43 @@ DECODE_MAX_ROWS = 64
 # The "decode" paths multiply an active expert's rows in tiles of this many (the last one shifted back inside the
 # buffer, masked): at decode most experts hold one or two copies.
 DECODE_TILE_ROWS = 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PerExpertWeights:
+    """An expert weight [e, k, n] as e separate buffers: float [k, n] arrays, or QuantizedWeights of shape (1, k, n)
+    (still packed). `split_experts` makes one, `stacked` gives the [e, k, n] weight back."""
+
+    parts: tuple
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.parts),) + tuple(self.parts[0].shape[-2:])
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.parts[0], QuantizedWeight)
+
+    def stacked(self):
+        """The [e, k, n] array or QuantizedWeight these parts were split from."""
+        if not self.quantized:
+            return jnp.stack(self.parts)
+        join = lambda *fields: None if fields[0] is None else jnp.concatenate(fields)  # noqa: E731
+        first = self.parts[0]
+        return dataclasses.replace(first, codes=join(*(p.codes for p in self.parts)),
+                                   scale=join(*(p.scale for p in self.parts)),
+                                   zero=join(*(p.zero for p in self.parts)), shape=self.shape)
+
+
+def split_experts(w) -> PerExpertWeights:
+    """An expert weight [e, k, n] (float array or QuantizedWeight) -> PerExpertWeights: one copy of every expert's
+    matrix in a buffer of its own (the memory of the weight once more, for as long as the result lives)."""
+    if isinstance(w, PerExpertWeights):
+        return w
+    if isinstance(w, QuantizedWeight):
+        return PerExpertWeights(tuple(quantized_group(w, i) for i in range(w.shape[0])))
+    return PerExpertWeights(tuple(w[i] for i in range(w.shape[0])))
 
 
 def moe_ffn(x_td: jax.Array, weights_tk: jax.Array, experts_tk: jax.Array, w_gate_up: jax.Array,
@@ -98,12 +141,26 @@ def expert_ffn(x_md: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_s
     if group_sizes_e.shape != (e,):
         raise ValueError(f"group_sizes_e has shape {group_sizes_e.shape}; expected ({e},), one size per expert of "
                          f"w_gate_up {w_gate_up.shape}")
-    floats = [w for w in (w_gate_up, w_down) if not isinstance(w, QuantizedWeight)]
-    dtype = jnp.result_type(x_md, *floats)
-    w_gate_up, w_down = (w if isinstance(w, QuantizedWeight) else w.astype(dtype) for w in (w_gate_up, w_down))
-    name = resolve_implementation(implementation, rows=x_md.shape[0],
-                                  quantized=len(floats) < 2)
-    return IMPLEMENTATIONS[name](x_md.astype(dtype), w_gate_up, w_down, group_sizes_e.astype(jnp.int32))
+    quantized = [isinstance(w, QuantizedWeight) or (isinstance(w, PerExpertWeights) and w.quantized)
+                 for w in (w_gate_up, w_down)]
+    name = resolve_implementation(implementation, rows=x_md.shape[0], quantized=any(quantized))
+    split = name in ("decode", "decode_int8") and isinstance(w_gate_up, PerExpertWeights) and isinstance(
+        w_down, PerExpertWeights)
+    if not split:
+        w_gate_up, w_down = (w.stacked() if isinstance(w, PerExpertWeights) else w for w in (w_gate_up, w_down))
+    floats = [w for w, q in zip((w_gate_up, w_down), quantized, strict=True) if not q]
+    dtype = jnp.result_type(x_md, *(w.parts[0] if isinstance(w, PerExpertWeights) else w for w in floats))
+    w_gate_up, w_down = (w if q else _cast(w, dtype) for w, q in zip((w_gate_up, w_down), quantized, strict=True))
+    group_sizes_e = group_sizes_e.astype(jnp.int32)
+    if split:  # no custom rule: differentiable through lax.switch like any XLA program
+        return _decode_forward(x_md.astype(dtype), w_gate_up, w_down, group_sizes_e, name == "decode_int8")
+    return IMPLEMENTATIONS[name](x_md.astype(dtype), w_gate_up, w_down, group_sizes_e)
+
+
+def _cast(w, dtype):
+    if isinstance(w, PerExpertWeights):
+        return PerExpertWeights(tuple(p.astype(dtype) for p in w.parts))
+    return w.astype(dtype)
 
 
 def resolve_implementation(implementation: str, *, rows: int | None = None, quantized: bool = False) -> str:
@@ -246,12 +303,36 @@ def _decode_matmul(x_mk: jax.Array, w, e: jax.Array, integer: bool) -> jax.Array
     return _matmul(x_mk, group_weight(w, e, x_mk.dtype), ((1,), (0,)))
 
 
+def _one_expert_ffn(x_mk: jax.Array, w_gate_up, w_down, integer: bool) -> jax.Array:
+    """x [m, d] through one expert held in its own buffers (float [k, n] or QuantizedWeight (1, k, n)) -> float32."""
+    def matmul(x, w):
+        if isinstance(w, QuantizedWeight):
+            return int8_matmul(x, w) if integer else _matmul(x, w.dequantize(x.dtype)[0], ((1,), (0,)))
+        return _matmul(x, w, ((1,), (0,)))
+    return matmul(_swiglu(matmul(x_mk, w_gate_up).astype(x_mk.dtype)), w_down)
+
+
+def _expert_rows(w_gate_up, w_down, integer: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """-> ffn(x [m, d], e) = Expert_e(x) in float32, reading expert e's weights once: a lax.switch over the buffers
+    of PerExpertWeights, else expert e's slice of the stacked weights."""
+    if isinstance(w_gate_up, PerExpertWeights):
+        branches = [functools.partial(_one_expert_ffn, w_gate_up=g, w_down=d, integer=integer)
+                    for g, d in zip(w_gate_up.parts, w_down.parts, strict=True)]
+        return lambda x, e: lax.switch(e, branches, x)
+
+    def ffn(x, e):
+        h = _decode_matmul(x, w_gate_up, e, integer).astype(x.dtype)
+        return _decode_matmul(_swiglu(h), w_down, e, integer)
+    return ffn
+
+
 def _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer: bool, tile_rows: int | None = None):
     m = x_md.shape[0]
     rows = min(DECODE_TILE_ROWS if tile_rows is None else tile_rows, m)
     ends_e = jnp.cumsum(group_sizes_e)
     starts_e = ends_e - group_sizes_e
     experts, count = _active_experts(group_sizes_e)
+    ffn = _expert_rows(w_gate_up, w_down, integer)
 
     def expert(i, out_md):
         e = experts[i]
@@ -259,9 +340,7 @@ def _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer: bool, tile_
 
         def tile(j, out_md):  # rows [first, first + rows) of the buffer, kept where they are expert e's
             first = jnp.minimum(start + j * rows, m - rows)
-            x = lax.dynamic_slice_in_dim(x_md, first, rows)
-            h = _decode_matmul(x, w_gate_up, e, integer).astype(x_md.dtype)
-            y = _decode_matmul(_swiglu(h), w_down, e, integer)
+            y = ffn(lax.dynamic_slice_in_dim(x_md, first, rows), e)
             row = first + jnp.arange(rows)
             return write_rows(out_md, first, y, (row >= start + j * rows) & (row < end))
 

@@ -1,7 +1,7 @@
 """The sparse MoE feed-forward block of Phi-3.5-MoE / GRIN-MoE: router, routing, dropless experts.
 
-The module owns parameters only; routing maths live in `router.py` (run through `pallas_kernels.sparsemixer_top2`),
-the expert computation in `experts.py`.
+The module owns parameters only; routing maths live in `router.py` (SparseMixer-v2 run through
+`pallas_kernels.sparsemixer_top2`, v2* through `router.sparsemixer`), the expert computation in `experts.py`.
 Parameter layout: `router` [d, e] (no bias), `w_gate_up` [e, d, 2f] ([..., :f] is the gate), `w_down` [e, f, d].
 After `jaxmoe.quantize(..., target="experts")` the expert weights are `jaxmoe.quant.QuantizedParam`s holding a
 `pallas_kernels.QuantizedWeight`, which goes into `moe_ffn` packed.
@@ -18,9 +18,9 @@ from flax import nnx, struct
 from pallas_kernels import MixedQuantizedWeight, QuantizedWeight, sparsemixer_top2
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.moe.experts import moe_ffn
+from jaxmoe.moe.experts import PerExpertWeights, moe_ffn, resolve_implementation, split_experts
 from jaxmoe.moe.parallel import moe_ffn_sharded
-from jaxmoe.moe.router import sparsemixer_noise, topk_router
+from jaxmoe.moe.router import sparsemixer, sparsemixer_noise, topk_router
 from jaxmoe.moe.task_adapters import check_task_ids, make_task_adapter
 
 
@@ -76,11 +76,14 @@ class SparseMoeBlock(nnx.Module):
         if tasks is not None and tasks.mode == "token":
             logits_te = logits_te + self.task_adapter(task_ids, t)
         if self.moe.router == "sparsemixer":
-            # The fused router of pallas_kernels (its Pallas kernel on GPU / TPU, its XLA twin elsewhere) with the
-            # draws `jaxmoe.sparsemixer` makes; tests hold the two equal.
             noise = sparsemixer_noise(rngs, *logits_te.shape) if training else None
-            weights_tk, experts_tk = sparsemixer_top2(logits_te, jitter_eps=self.moe.router_jitter_noise,
-                                                      training=training, noise=noise)
+            route = dict(jitter_eps=self.moe.router_jitter_noise, training=training, noise=noise)
+            if self.moe.sparsemixer_variant == "v2":
+                # The fused router of pallas_kernels (its Pallas kernel on GPU / TPU, its XLA twin elsewhere) with
+                # the draws `jaxmoe.sparsemixer` makes; tests hold the two equal.
+                weights_tk, experts_tk = sparsemixer_top2(logits_te, **route)
+            else:  # pallas_kernels has v2 only; the reference takes the same draws
+                weights_tk, experts_tk = sparsemixer(logits_te, variant=self.moe.sparsemixer_variant, **route)
         else:
             weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
         compute = self.dtype or x_td.dtype
@@ -107,8 +110,44 @@ def _expert_weight(variable: nnx.Variable, compute, sharded: bool):
     the compute dtype; a quantized one packed, or dequantized for the expert-parallel path (whose shard_map takes
     plain arrays). Per-expert group sizes (a MixedQuantizedWeight) go in as its `uniform()` form."""
     value = variable.get_value()
+    if isinstance(value, PerExpertWeights):  # set by split_experts_for_decode
+        return value.stacked() if sharded else value
     if isinstance(value, MixedQuantizedWeight):
         value = value.uniform()
     if isinstance(value, QuantizedWeight):
         return value.dequantize(compute) if sharded else value
     return variable[...].astype(compute)
+
+
+def split_experts_for_decode(model: nnx.Module, tokens: int) -> None:
+    """Holds each MoE block's expert weights as one buffer per expert (`jaxmoe.moe.experts.PerExpertWeights`, float
+    ones in the block's compute dtype), in place, where the block's experts take a "decode" path on CPU for
+    `tokens` x top_k token copies (a decode step's batch): XLA:CPU
+    copies the routed expert's slice out of a stacked [e, k, n] weight before each matmul, and a decode step then
+    streams each active expert's weights three times instead of once. Meant for a model merged inside jit just
+    before its decode loop (`jaxmoe.generate`): the split copies cost the experts' memory once more while that
+    program runs. Blocks that are expert-parallel, or whose weights are not plain or quantized parameters (QAT's
+    fake-quantized ones), are left as they are."""
+    for _, node in nnx.iter_graph(model):
+        if not isinstance(node, SparseMoeBlock):
+            continue
+        if node.mesh is not None and dict(node.mesh.shape).get("expert", 1) > 1:
+            continue
+        values = []
+        for variable in (node.w_gate_up, node.w_down):
+            value = variable.get_value()
+            if isinstance(value, MixedQuantizedWeight):
+                value = value.uniform()
+            if not isinstance(value, (QuantizedWeight, PerExpertWeights)) and type(variable) is not nnx.Param:
+                break
+            values.append(value)
+        else:
+            quantized = any(isinstance(v, QuantizedWeight) or (isinstance(v, PerExpertWeights) and v.quantized)
+                            for v in values)
+            name = resolve_implementation(node.moe.expert_implementation, rows=tokens * node.moe.top_k,
+                                          quantized=quantized)
+            if name in ("decode", "decode_int8"):
+                for variable, value in zip((node.w_gate_up, node.w_down), values, strict=True):
+                    if node.dtype is not None and not isinstance(value, (QuantizedWeight, PerExpertWeights)):
+                        value = value.astype(node.dtype)
+                    variable.set_value(split_experts(value))

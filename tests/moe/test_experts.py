@@ -1,6 +1,7 @@
 """moe_ffn (every implementation) against its dense twin, transformers' PhimoeExperts and hand-built NumPy;
 the dispatch gathers' custom VJP; input errors. fp32 on CPU."""
 
+import dataclasses
 import functools
 import re
 
@@ -12,7 +13,8 @@ import torch
 
 from jaxmoe.moe.dispatch import permute, route, unpermute
 from jaxmoe.config import EXPERT_IMPLEMENTATIONS, MoEConfig
-from jaxmoe.moe.experts import IMPLEMENTATIONS, dense_moe_reference, expert_ffn, moe_ffn
+from jaxmoe.moe.experts import IMPLEMENTATIONS, dense_moe_reference, expert_ffn, moe_ffn, split_experts
+from pallas_kernels import quantize_weight
 
 D, F, E = 16, 32, 8
 IMPLS = sorted(IMPLEMENTATIONS)
@@ -52,8 +54,12 @@ def ffn_for(impl):
     return functools.partial(moe_ffn, implementation=impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("t,kind", [(640, "random"), (640, "skewed"), (5, "random")])
+# The skewed buffer exercises the "blocked" tiling (what "auto" takes on CPU for so many copies); the slow tier
+# runs it through every implementation.
+@pytest.mark.parametrize("t,kind,impl", [
+    pytest.param(t, kind, impl,
+                 marks=[pytest.mark.slow] if kind == "skewed" and impl not in ("auto", "blocked") else [])
+    for t, kind in [(640, "random"), (640, "skewed"), (5, "random")] for impl in IMPLS])
 def test_moe_ffn_and_its_gradients_equal_the_dense_reference(rng, impl, t, kind):
     # t=640 gives 1280 copies: expert 3 in "skewed" needs 512 + 128-row tiles; t=5 is smaller than any tile.
     w_gate_up, w_down = make_params(rng)
@@ -82,6 +88,7 @@ def transformers_experts(w_gate_up, w_down):
     return module
 
 
+@pytest.mark.slow  # the whole model against transformers in the default tier: tests/models/test_phimoe_parity.py
 @pytest.mark.parametrize("kind", ["random", "skewed"])
 def test_moe_ffn_and_dense_reference_equal_transformers_phimoe_experts(rng, kind):
     t = 300
@@ -223,3 +230,39 @@ def test_the_config_knows_every_expert_implementation():
     assert set(EXPERT_IMPLEMENTATIONS) == {"auto", *IMPLEMENTATIONS}
     with pytest.raises(ValueError, match=r"expert_implementation='megablox'.*'decode_int8'"):
         MoEConfig(num_experts=4, expert_implementation="megablox")
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("impl", ["decode", "decode_int8", "blocked"])
+def test_per_expert_buffers_give_the_stacked_weights_result(rng, impl, bits):
+    """split_experts: the decode paths read each expert's own buffer (a switch over the experts), the others
+    stack them back; either way the output is the stacked weights' (decode_int8 rounds its activations alike)."""
+    w_gate_up, w_down = make_params(rng)
+    if bits is not None:
+        w_gate_up, w_down = (quantize_weight(jnp.asarray(w), bits=bits, group_size=16) for w in (w_gate_up, w_down))
+    weights, experts = make_routing(rng, 5, "random")
+    x = rng.normal(size=(5, D)).astype(np.float32)
+    ffn = jax.jit(functools.partial(moe_ffn, implementation=impl))
+    split = split_experts(w_gate_up), split_experts(w_down)
+    assert split[0].shape == (E, D, 2 * F) and len(split[0].parts) == E
+    np.testing.assert_allclose(ffn(x, weights, experts, *split), ffn(x, weights, experts, w_gate_up, w_down),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_generate_splits_the_experts_only_for_a_decode_sized_batch():
+    import jaxmoe
+    from flax import nnx
+
+    from jaxmoe.moe.experts import PerExpertWeights
+    from jaxmoe.moe.layer import SparseMoeBlock, split_experts_for_decode
+
+    def split_blocks(model, tokens):
+        split_experts_for_decode(model, tokens)
+        return [isinstance(node.w_gate_up.get_value(), PerExpertWeights) for _, node in nnx.iter_graph(model)
+                if isinstance(node, SparseMoeBlock)]
+
+    config = jaxmoe.get_preset("tiny-moe").replace(vocab_size=64, num_layers=2)
+    assert split_blocks(jaxmoe.PhimoeForCausalLM(config, rngs=nnx.Rngs(0)), 4) == [True, True]
+    assert split_blocks(jaxmoe.PhimoeForCausalLM(config, rngs=nnx.Rngs(0)), 33) == [False, False]  # 66 copies
+    blocked = config.replace(moe=dataclasses.replace(config.moe, expert_implementation="blocked"))
+    assert split_blocks(jaxmoe.PhimoeForCausalLM(blocked, rngs=nnx.Rngs(0)), 4) == [False, False]
