@@ -344,8 +344,8 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
 
     MoE models on CPU: where a decode step's batch takes the "decode" expert paths, the decode loop reads each
     expert's weights from a buffer of its own (`jaxmoe.moe.layer.split_experts_for_decode`), copied once per call,
-    so the experts' weights take twice their memory while `generate` runs (about 2x faster decode at batch 8:
-    BENCHMARKS.md, issue 19). `MoEConfig.expert_implementation="blocked"` keeps them stacked.
+    so the experts' weights take twice their memory while `generate` runs (fp32 decode 1.28x / 1.65x faster at
+    batch 1 / 8: BENCHMARKS.md, issue 19). `MoEConfig.expert_implementation="blocked"` keeps them stacked.
 
     `images` / `audio` (Phi-4-multimodal): the processor's outputs, `Phi4MMProcessor.images(...)` (image_pixel_values,
     image_sizes, image_attention_mask) and `.audio(...)` (audio_input_features, audio_embed_sizes and, for several
