@@ -296,34 +296,27 @@ def _active_experts(group_sizes_e: jax.Array) -> tuple[jax.Array, jax.Array]:
     return order, jnp.sum(group_sizes_e > 0, dtype=jnp.int32)
 
 
-def _decode_matmul(x_mk: jax.Array, w, e: jax.Array, integer: bool) -> jax.Array:
-    """x [m, k] @ w[e] -> float32 [m, n]; a QuantizedWeight through int8 codes (`integer`) or dequantized."""
-    if integer and isinstance(w, QuantizedWeight):
-        return int8_matmul(x_mk, quantized_group(w, e))
-    return _matmul(x_mk, group_weight(w, e, x_mk.dtype), ((1,), (0,)))
-
-
 def _one_expert_ffn(x_mk: jax.Array, w_gate_up, w_down, integer: bool) -> jax.Array:
-    """x [m, d] through one expert held in its own buffers (float [k, n] or QuantizedWeight (1, k, n)) -> float32."""
+    """x [m, d] through one expert (float [k, n] weights, or QuantizedWeights (1, k, n) multiplied as int8 codes
+    when `integer`, dequantized otherwise) -> float32 [m, d]."""
     def matmul(x, w):
         if isinstance(w, QuantizedWeight):
             return int8_matmul(x, w) if integer else _matmul(x, w.dequantize(x.dtype)[0], ((1,), (0,)))
-        return _matmul(x, w, ((1,), (0,)))
+        return _matmul(x, w.astype(x.dtype), ((1,), (0,)))
     return matmul(_swiglu(matmul(x_mk, w_gate_up).astype(x_mk.dtype)), w_down)
 
 
 def _expert_rows(w_gate_up, w_down, integer: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """-> ffn(x [m, d], e) = Expert_e(x) in float32, reading expert e's weights once: a lax.switch over the buffers
-    of PerExpertWeights, else expert e's slice of the stacked weights."""
+    of PerExpertWeights, else expert e's slice of the stacked weights (still packed if quantized)."""
     if isinstance(w_gate_up, PerExpertWeights):
         branches = [functools.partial(_one_expert_ffn, w_gate_up=g, w_down=d, integer=integer)
                     for g, d in zip(w_gate_up.parts, w_down.parts, strict=True)]
         return lambda x, e: lax.switch(e, branches, x)
 
-    def ffn(x, e):
-        h = _decode_matmul(x, w_gate_up, e, integer).astype(x.dtype)
-        return _decode_matmul(_swiglu(h), w_down, e, integer)
-    return ffn
+    def one(w, e):
+        return quantized_group(w, e) if isinstance(w, QuantizedWeight) else lax.dynamic_index_in_dim(w, e, 0, False)
+    return lambda x, e: _one_expert_ffn(x, one(w_gate_up, e), one(w_down, e), integer)
 
 
 def _decode_forward(x_md, w_gate_up, w_down, group_sizes_e, integer: bool, tile_rows: int | None = None):

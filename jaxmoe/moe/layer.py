@@ -55,6 +55,11 @@ class SparseMoeBlock(nnx.Module):
         self.deterministic = True
         self.mesh = None
 
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether the experts run expert-parallel (a mesh with an `expert` axis of size > 1)."""
+        return self.mesh is not None and dict(self.mesh.shape).get("expert", 1) > 1
+
     def __call__(self, x_btd: jax.Array, *, rngs: nnx.Rngs | None = None,
                  task_ids: jax.Array | None = None) -> tuple[jax.Array, Routing]:
         """x [b, t, d] -> (y [b, t, d], Routing). task_ids int [b]: each row's task, required exactly when the
@@ -87,7 +92,7 @@ class SparseMoeBlock(nnx.Module):
         else:
             weights_tk, experts_tk = topk_router(logits_te, k=self.moe.top_k)
         compute = self.dtype or x_td.dtype
-        sharded = self.mesh is not None and dict(self.mesh.shape).get("expert", 1) > 1
+        sharded = self.expert_parallel
         args = (x_td.astype(compute), weights_tk, experts_tk, _expert_weight(self.w_gate_up, compute, sharded),
                 _expert_weight(self.w_down, compute, sharded))
         if sharded:
@@ -109,45 +114,50 @@ def _expert_weight(variable: nnx.Variable, compute, sharded: bool):
     """The weight `moe_ffn` takes: a float parameter as read (`[...]`, which applies QAT's fake quantization) in
     the compute dtype; a quantized one packed, or dequantized for the expert-parallel path (whose shard_map takes
     plain arrays). Per-expert group sizes (a MixedQuantizedWeight) go in as its `uniform()` form."""
-    value = variable.get_value()
+    value = _stored(variable)
     if isinstance(value, PerExpertWeights):  # set by split_experts_for_decode
         return value.stacked() if sharded else value
-    if isinstance(value, MixedQuantizedWeight):
-        value = value.uniform()
     if isinstance(value, QuantizedWeight):
         return value.dequantize(compute) if sharded else value
     return variable[...].astype(compute)
 
 
+def _stored(variable: nnx.Variable):
+    """An expert weight variable's value as stored, per-expert group sizes (a MixedQuantizedWeight) in their
+    `uniform()` form."""
+    value = variable.get_value()
+    return value.uniform() if isinstance(value, MixedQuantizedWeight) else value
+
+
 def split_experts_for_decode(model: nnx.Module, tokens: int) -> None:
     """Holds each MoE block's expert weights as one buffer per expert (`jaxmoe.moe.experts.PerExpertWeights`, float
     ones in the block's compute dtype), in place, where the block's experts take a "decode" path on CPU for
-    `tokens` x top_k token copies (a decode step's batch): XLA:CPU
-    copies the routed expert's slice out of a stacked [e, k, n] weight before each matmul, and a decode step then
+    `tokens` x top_k token copies (a decode step's batch): XLA:CPU copies the routed expert's slice out of a
+    stacked [e, k, n] weight before each matmul, and a decode step then
     streams each active expert's weights three times instead of once. Meant for a model merged inside jit just
     before its decode loop (`jaxmoe.generate`): the split copies cost the experts' memory once more while that
     program runs. Blocks that are expert-parallel, or whose weights are not plain or quantized parameters (QAT's
     fake-quantized ones), are left as they are."""
     for _, node in nnx.iter_graph(model):
-        if not isinstance(node, SparseMoeBlock):
+        if not isinstance(node, SparseMoeBlock) or node.expert_parallel:
             continue
-        if node.mesh is not None and dict(node.mesh.shape).get("expert", 1) > 1:
+        # Either decode path reads the split; which one "auto" takes (quantized or not) does not matter here.
+        if resolve_implementation(node.moe.expert_implementation, rows=tokens * node.moe.top_k) not in (
+                "decode", "decode_int8"):
             continue
-        values = []
-        for variable in (node.w_gate_up, node.w_down):
-            value = variable.get_value()
-            if isinstance(value, MixedQuantizedWeight):
-                value = value.uniform()
-            if not isinstance(value, (QuantizedWeight, PerExpertWeights)) and type(variable) is not nnx.Param:
-                break
-            values.append(value)
-        else:
-            quantized = any(isinstance(v, QuantizedWeight) or (isinstance(v, PerExpertWeights) and v.quantized)
-                            for v in values)
-            name = resolve_implementation(node.moe.expert_implementation, rows=tokens * node.moe.top_k,
-                                          quantized=quantized)
-            if name in ("decode", "decode_int8"):
-                for variable, value in zip((node.w_gate_up, node.w_down), values, strict=True):
-                    if node.dtype is not None and not isinstance(value, (QuantizedWeight, PerExpertWeights)):
-                        value = value.astype(node.dtype)
-                    variable.set_value(split_experts(value))
+        values = [_splittable(variable) for variable in (node.w_gate_up, node.w_down)]
+        if any(value is None for value in values):
+            continue
+        for variable, value in zip((node.w_gate_up, node.w_down), values, strict=True):
+            if node.dtype is not None and isinstance(value, jax.Array):
+                value = value.astype(node.dtype)
+            variable.set_value(split_experts(value))
+
+
+def _splittable(variable: nnx.Variable):
+    """The value `split_experts` takes for an expert weight: a plain parameter's float array or a quantized one's
+    QuantizedWeight (`_stored`); None for other variables (QAT's fake-quantized parameters, whose reads quantize)."""
+    value = _stored(variable)
+    if isinstance(value, (QuantizedWeight, PerExpertWeights)) or type(variable) is nnx.Param:
+        return value
+    return None
